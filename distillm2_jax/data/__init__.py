@@ -1,0 +1,9 @@
+"""Data: prompt sources, chat templating, response pairs, tokenised batches and loaders.
+
+Modules (one job each; see docs/data.md): records (raw records from JSONL/JSON/parquet/HF
+saved datasets/TFDS), messages (chat messages, prompt keys), sources (prompt records), chat
+(templating, encoding, truncation, end-of-turn), prompts (templated prompts for generation),
+generations (generation output format), pairs (teacher/student pairing), batches (tokenised
+[chosen; rejected] batches), loader (grain loader), tfds_io (array_record without TensorFlow).
+Import the submodules directly; this package imports nothing heavy.
+"""

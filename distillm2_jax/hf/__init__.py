@@ -1,0 +1,1 @@
+"""Hugging Face checkpoint import (safetensors -> sharded params) and export (params -> HF folder)."""

@@ -1,0 +1,153 @@
+"""Import a Hugging Face checkpoint folder (config.json + safetensors) as a sharded Decoder.
+
+Each parameter is created with `jax.make_array_from_callback`: every device (and, on a
+multi-host mesh, every host) reads only the slice of the safetensors tensors it holds, so a
+model larger than one device never exists as a full copy per device. Pickle-based `.bin`
+checkpoints are refused (they can run code on load).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import SafetensorError, safe_open
+
+from distillm2_jax import sharding as shd
+from distillm2_jax.errors import CheckpointFormatError, UserError
+from distillm2_jax.hf.names import IGNORABLE_SUFFIXES, TensorMap, tensor_maps
+from distillm2_jax.models.config import ModelConfig, from_hf, load_hf_config
+from distillm2_jax.models.decoder import Decoder, param_specs
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+def tensor_files(model_dir: Path) -> dict[str, Path]:
+    """tensor name -> safetensors file holding it (single file or sharded with an index)."""
+    index_path = model_dir / INDEX_FILE
+    if index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise CheckpointFormatError(f"{index_path}: not a safetensors index with a 'weight_map' ({err})") from None
+        files = {name: model_dir / fname for name, fname in weight_map.items()}
+        for name, path in files.items():
+            if not path.is_file():
+                raise CheckpointFormatError(f"{index_path}: tensor '{name}' is mapped to {path.name}, which does not exist")
+        return files
+    single = model_dir / SINGLE_FILE
+    if single.is_file():
+        return {name: single for name in _keys(single)}
+    if any(model_dir.glob("*.bin")) or any(model_dir.glob("*.pt")):
+        raise CheckpointFormatError(
+            f"{model_dir}: only safetensors checkpoints are read; pickle-based .bin/.pt files are refused "
+            f"because loading them can run code. Convert with transformers: "
+            f"AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)")
+    raise CheckpointFormatError(f"{model_dir}: no {SINGLE_FILE} or {INDEX_FILE}")
+
+
+def _keys(path: Path) -> list[str]:
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointFormatError(f"{path}: cannot read safetensors header ({err})") from None
+
+
+def _expected_hf_shape(tmap: TensorMap, shape: tuple[int, ...]) -> tuple[int, ...]:
+    per = shape[1:] if tmap.stacked else shape
+    return tuple(reversed(per)) if tmap.transpose else tuple(per)
+
+
+def _check_names(cfg: ModelConfig, files: dict[str, Path], model_dir: Path) -> None:
+    expected: set[str] = set()
+    for tmap in tensor_maps(cfg):
+        for name in tmap.hf_names(cfg.num_layers):
+            expected.add(name)
+            if name not in files:
+                where = sorted({p.name for p in files.values()}) or ["(no files)"]
+                raise CheckpointFormatError(
+                    f"{model_dir}: tensor '{name}' is missing (looked in {', '.join(where)})")
+    for name, path in files.items():
+        if name in expected or name.endswith(IGNORABLE_SUFFIXES):
+            continue
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue  # some tied checkpoints also store the (identical) head; HF ignores it
+        raise CheckpointFormatError(
+            f"{path}: unexpected tensor '{name}' (not part of a {cfg.model_type} model with this config.json)")
+
+
+def _reader(tmap: TensorMap, cfg: ModelConfig, files, handles, shape, np_dtype):
+    """A make_array_from_callback callback reading only the requested slice of the tensor(s)."""
+    names = tmap.hf_names(cfg.num_layers)
+
+    def read_one(name: str, idx: tuple[slice, ...]) -> np.ndarray:
+        tensor = handles[files[name]].get_slice(name)
+        sel = tuple(reversed(idx)) if tmap.transpose else idx
+        arr = tensor[sel] if sel else tensor[:]
+        return (arr.T if tmap.transpose else arr).astype(np_dtype)
+
+    def callback(index: tuple[slice, ...]) -> np.ndarray:
+        index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+        if tmap.stacked:
+            layer_ids = range(cfg.num_layers)[index[0]]
+            return np.stack([read_one(names[i], index[1:]) for i in layer_ids])
+        return read_one(names[0], index)
+
+    return callback
+
+
+def load_params(model_dir: str | Path, cfg: ModelConfig, dtype=jnp.float32, mesh=None, rules=None):
+    """The params dict of `model_dir`, each array placed on its sharding (or the default device)."""
+    model_dir = Path(model_dir)
+    files = tensor_files(model_dir)
+    _check_names(cfg, files, model_dir)
+    np_dtype = np.dtype(jnp.dtype(dtype))
+    specs = param_specs(cfg)
+    params: dict = {"layers": {}}
+    with contextlib.ExitStack() as stack:
+        handles = {}
+        for path in sorted(set(files.values())):
+            try:
+                handles[path] = stack.enter_context(safe_open(str(path), framework="numpy"))
+            except (SafetensorError, OSError, ValueError) as err:
+                raise CheckpointFormatError(f"{path}: cannot read safetensors header ({err})") from None
+        for tmap in tensor_maps(cfg):
+            shape, axes = specs[tmap.path[0]] if len(tmap.path) == 1 else specs["layers"][tmap.path[1]]
+            want = _expected_hf_shape(tmap, shape)
+            for name in tmap.hf_names(cfg.num_layers):
+                got = tuple(handles[files[name]].get_slice(name).get_shape())
+                if got != want:
+                    raise CheckpointFormatError(
+                        f"{files[name]}: tensor '{name}' has shape {got}, expected {want} from config.json")
+            if mesh is None:
+                sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            else:
+                sharding = shd.named_sharding(axes, shape, mesh, rules)
+            array = jax.make_array_from_callback(
+                shape, sharding, _reader(tmap, cfg, files, handles, shape, np_dtype))
+            if len(tmap.path) == 1:
+                params[tmap.path[0]] = array
+            else:
+                params["layers"][tmap.path[1]] = array
+    return params
+
+
+def from_pretrained(path: str | Path, dtype=jnp.float32, mesh=None, *, rules=None,
+                    compute_dtype=None) -> Decoder:
+    """Load a local Hugging Face checkpoint folder as a `Decoder`.
+
+    dtype: parameter dtype (float32 or bfloat16); compute_dtype: activation dtype (defaults
+    to dtype); mesh: place parameters sharded by their logical axes (see `sharding.py`).
+    """
+    model_dir = Path(path)
+    if not model_dir.is_dir():
+        raise UserError(f"{model_dir}: not a folder (expected a Hugging Face model folder)")
+    hf = load_hf_config(model_dir)
+    cfg = from_hf(hf, where=str(model_dir / "config.json"))
+    params = load_params(model_dir, cfg, dtype=dtype, mesh=mesh, rules=rules)
+    return Decoder(cfg, params, hf_config=hf.to_dict(), compute_dtype=compute_dtype)

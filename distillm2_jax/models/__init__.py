@@ -1,0 +1,87 @@
+"""Decoder models: build, import from and export to Hugging Face folders.
+
+    from distillm2_jax import models
+    model = models.from_pretrained("path/to/hf_dir", dtype=jnp.float32)   # optional mesh=
+    logits = model(input_ids, attention_mask=attention_mask)               # [B, T, V]
+    models.save_pretrained(model, "out_dir", tokenizer="path/to/hf_dir")
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from distillm2_jax import sharding as shd
+from distillm2_jax.errors import UserError
+from distillm2_jax.hf.load import from_pretrained
+from distillm2_jax.hf.save import save_pretrained
+from distillm2_jax.models.config import (
+    SUPPORTED_MODEL_TYPES,
+    ModelConfig,
+    UnsupportedConfigError,
+    from_hf,
+    hf_config_from_dict,
+    load_hf_config,
+)
+from distillm2_jax.models.decoder import (
+    Decoder,
+    KVCache,
+    forward,
+    init_cache,
+    init_params,
+    logits_from_hidden,
+    map_specs,
+    output_head,
+    param_specs,
+)
+
+__all__ = [
+    "Decoder", "KVCache", "ModelConfig", "SUPPORTED_MODEL_TYPES", "UnsupportedConfigError",
+    "align_vocab", "forward", "from_config", "from_pretrained", "init_cache", "init_params",
+    "logits_from_hidden", "output_head", "param_shardings", "param_specs", "save_pretrained",
+]
+
+
+def param_shardings(cfg: ModelConfig, mesh, rules=None):
+    """NamedShardings of every parameter (nested like the params dict) on `mesh`."""
+    return map_specs(lambda path, shape, axes: shd.named_sharding(axes, shape, mesh, rules),
+                     param_specs(cfg))
+
+
+def from_config(hf_config, *, seed: int = 0, dtype=jnp.float32, mesh=None, rules=None,
+                compute_dtype=None) -> Decoder:
+    """A randomly initialised Decoder from a transformers config object or a dict with `model_type`.
+
+    With a mesh, parameters are created already sharded (a jitted init with out_shardings).
+    """
+    if isinstance(hf_config, dict):
+        hf_config = hf_config_from_dict(hf_config)
+    cfg = from_hf(hf_config, where="config")
+
+    def init(key):
+        return init_params(cfg, key, dtype)
+
+    out_shardings = None if mesh is None else param_shardings(cfg, mesh, rules)
+    params = jax.jit(init, out_shardings=out_shardings)(jax.random.key(seed))
+    return Decoder(cfg, params, hf_config=hf_config.to_dict(), compute_dtype=compute_dtype)
+
+
+def align_vocab(vocab_size: int, *models: Decoder) -> int:
+    """Make every model's logits cover exactly the first `vocab_size` rows of its output head.
+
+    Teacher and student heads often differ only by padding rows (Qwen2.5-7B: 152064,
+    Qwen2.5-1.5B: 151936) while sharing one tokenizer; slicing both to the tokenizer's size
+    (`len(tokenizer)`) makes their distributions comparable. Weights are untouched, so
+    export still writes the full head. Raises if a head is smaller than `vocab_size`.
+    """
+    if vocab_size <= 0:
+        raise UserError(f"vocab_size must be positive, got {vocab_size}")
+    for i, model in enumerate(models):
+        if model.config.vocab_size < vocab_size:
+            raise UserError(
+                f"model {i} ({model.config.model_type}) has an output head of {model.config.vocab_size} rows, "
+                f"fewer than the shared vocabulary of {vocab_size} tokens")
+    for model in models:
+        model.config = dataclasses.replace(model.config, logits_vocab=vocab_size)
+    return vocab_size

@@ -1,0 +1,106 @@
+"""Meshes and logical-axis sharding rules.
+
+Parameters and activations name their dimensions with *logical* axes ("embed", "heads",
+"batch", ...). A rule table maps each logical axis to mesh axes of the (data, fsdp, tensor)
+mesh. A mesh axis is only used when it divides the dimension (Qwen2.5-1.5B has 2 KV heads;
+a tensor axis of 4 then replicates the KV projections instead of failing), and each mesh
+axis is used at most once per array.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from distillm2_jax.errors import UserError
+
+MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axes (tried in order; each kept only if it divides the dimension).
+DEFAULT_RULES: dict[str, tuple[str, ...]] = {
+    "batch": ("data", "fsdp"),
+    "vocab": ("tensor",),
+    "embed": ("fsdp",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "mlp": ("tensor",),
+    "layers": (),
+    "norm": (),
+    "head_dim": (),
+    "length": (),
+    "lora_rank": (),
+}
+
+
+def make_mesh(
+    shape: Sequence[int] | None = None,
+    axis_names: Sequence[str] = MESH_AXES,
+    devices: Sequence[jax.Device] | None = None,
+) -> Mesh:
+    """A mesh with Auto axis types (contractions over sharded dims are legal).
+
+    `shape=None` puts every device on the first axis (pure data parallelism). A -1 entry
+    takes the remaining devices.
+    """
+    devices = list(devices if devices is not None else jax.devices())
+    n = len(devices)
+    if shape is None:
+        shape = (n,) + (1,) * (len(axis_names) - 1)
+    shape = list(shape)
+    if len(shape) != len(axis_names):
+        raise UserError(f"mesh shape {tuple(shape)} has {len(shape)} axes, expected {len(axis_names)} "
+                        f"({', '.join(axis_names)})")
+    if shape.count(-1) > 1:
+        raise UserError(f"mesh shape {tuple(shape)}: at most one axis may be -1")
+    if -1 in shape:
+        known = math.prod(s for s in shape if s != -1)
+        if n % known:
+            raise UserError(f"mesh shape {tuple(shape)} does not divide {n} devices")
+        shape[shape.index(-1)] = n // known
+    if math.prod(shape) != n:
+        raise UserError(f"mesh shape {tuple(shape)} needs {math.prod(shape)} devices, have {n}")
+    return jax.make_mesh(tuple(shape), tuple(axis_names),
+                         axis_types=(jax.sharding.AxisType.Auto,) * len(axis_names),
+                         devices=devices)
+
+
+def logical_to_spec(
+    logical_axes: Sequence[str | None],
+    shape: Sequence[int],
+    mesh: Mesh,
+    rules: dict[str, tuple[str, ...]] | None = None,
+) -> PartitionSpec:
+    """PartitionSpec for an array with the given logical axes on `mesh`."""
+    rules = DEFAULT_RULES if rules is None else rules
+    if len(logical_axes) != len(shape):
+        raise ValueError(f"logical axes {tuple(logical_axes)} do not match shape {tuple(shape)}")
+    used: set[str] = set()
+    spec: list[str | tuple[str, ...] | None] = []
+    for name, dim in zip(logical_axes, shape):
+        chosen: list[str] = []
+        size = 1
+        for axis in (rules.get(name, ()) if name is not None else ()):
+            axis_size = mesh.shape.get(axis, 1)
+            if axis in used or axis_size == 1 or dim % (size * axis_size):
+                continue
+            chosen.append(axis)
+            size *= axis_size
+        used.update(chosen)
+        spec.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
+    return PartitionSpec(*spec)
+
+
+def named_sharding(logical_axes, shape, mesh: Mesh, rules=None) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(logical_axes, shape, mesh, rules))
+
+
+def put(array, logical_axes, mesh: Mesh | None, rules=None) -> jax.Array:
+    """Place a host array on `mesh` by its logical axes (or on the default device)."""
+    if mesh is None:
+        return jax.device_put(array)
+    arr = np.asarray(array)
+    sharding = named_sharding(logical_axes, arr.shape, mesh, rules)
+    return jax.make_array_from_callback(arr.shape, sharding, lambda idx: arr[idx])

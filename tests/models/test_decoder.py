@@ -1,0 +1,108 @@
+"""Decoder behaviour beyond HF parity: KV cache, remat, dtypes, vocab alignment, sharded init."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from distillm2_jax import models
+from distillm2_jax import sharding as shd
+from distillm2_jax.models import decoder
+from tests.tiny_models import hf_config, padded_batch
+
+
+@pytest.fixture(scope="module", params=["gemma2", "qwen3", "mistral"])
+def model(request):
+    return models.from_config(hf_config(request.param, initializer_range=0.2), seed=0)
+
+
+def test_kv_cache_decoding_equals_full_forward(model):
+    """Prefill a left-padded prompt, then decode token by token: logits equal the full pass."""
+    cfg, params = model.config, model.params()
+    ids, mask = padded_batch(seed=4, lengths=(9, 5), total=14, left=True)
+    prompt_len = 9
+    full = np.asarray(model(ids, attention_mask=mask))
+    cache = models.init_cache(cfg, batch=2, max_length=16)
+    step = jax.jit(lambda p, i, m, c: decoder.forward(p, cfg, i, m, cache=c), donate_argnums=3)
+    hidden, cache = step(params, ids[:, :prompt_len], mask[:, :prompt_len], cache)
+    got = [models.logits_from_hidden(params, cfg, hidden)]
+    for t in range(prompt_len, ids.shape[1]):
+        hidden, cache = step(params, ids[:, t:t + 1], mask[:, t:t + 1], cache)
+        got.append(models.logits_from_hidden(params, cfg, hidden))
+    got = np.concatenate([np.asarray(g) for g in got], axis=1)
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(got[valid], full[valid], atol=2e-5, rtol=1e-5)
+    assert int(cache.index) == ids.shape[1]
+
+
+def test_remat_keeps_values_and_gradients():
+    model = models.from_config(hf_config("gemma2", initializer_range=0.2), seed=0)
+    cfg, params = model.config, model.params()
+    ids, mask = padded_batch(seed=5)
+
+    def loss(p, remat):
+        h, _ = decoder.forward(p, cfg, ids, mask, remat=remat)
+        return jnp.mean(models.logits_from_hidden(p, cfg, h) ** 2)
+
+    grad_fn = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+    ref_val, ref_grad = grad_fn(params, "none")
+    for policy in ("full", "dots"):
+        val, grad = grad_fn(params, policy)
+        np.testing.assert_allclose(val, ref_val, rtol=1e-6)
+        for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="remat 'sometimes'"):
+        loss(params, "sometimes")
+
+
+def test_bfloat16_params_and_compute(tmp_path):
+    cfg = hf_config("qwen2", initializer_range=0.2)
+    m32 = models.from_config(cfg, seed=1)
+    path = models.save_pretrained(m32, tmp_path / "m")
+    m16 = models.from_pretrained(path, dtype=jnp.bfloat16)
+    assert m16.layers["q"][...].dtype == jnp.bfloat16
+    mixed = models.from_pretrained(path, dtype=jnp.float32, compute_dtype=jnp.bfloat16)
+    ids, mask = padded_batch(seed=6)
+    ref = np.asarray(m32(ids, attention_mask=mask))
+    for m in (m16, mixed):
+        out = m(ids, attention_mask=mask)
+        assert out.dtype == jnp.float32  # logits are always float32
+        err = np.abs(np.asarray(out) - ref)[mask.astype(bool)]
+        assert err.max() < 0.25 and err.mean() < 0.05, (err.max(), err.mean())
+
+
+def test_align_vocab_slices_logits_not_weights():
+    teacher = models.from_config(hf_config("qwen2", vocab_size=112), seed=1)
+    student = models.from_config(hf_config("qwen2", vocab_size=96, tie_word_embeddings=True), seed=2)
+    ids, mask = padded_batch(seed=7)
+    full = np.asarray(teacher(ids, attention_mask=mask))
+    assert models.align_vocab(90, teacher, student) == 90
+    assert teacher(ids, attention_mask=mask).shape[-1] == 90
+    assert student.output_head().shape == (64, 90)
+    np.testing.assert_allclose(np.asarray(teacher(ids, attention_mask=mask)), full[..., :90], rtol=1e-6)
+    assert teacher.embed[...].shape == (112, 64)  # export still writes the full head
+    with pytest.raises(Exception, match="fewer than the shared vocabulary of 100"):
+        models.align_vocab(100, teacher, student)
+
+
+def test_from_config_creates_sharded_params():
+    mesh = shd.make_mesh((2, 1, 4))
+    m = models.from_config(hf_config("llama"), seed=0, mesh=mesh)
+    gate = m.layers["gate"][...]
+    assert gate.sharding.spec == jax.sharding.PartitionSpec(None, None, "tensor")
+    single = models.from_config(hf_config("llama"), seed=0)
+    np.testing.assert_array_equal(np.asarray(gate), np.asarray(single.layers["gate"][...]))
+
+
+def test_logical_rules_skip_axes_that_do_not_divide():
+    mesh = shd.make_mesh((1, 2, 4))
+    # 2 KV heads * 16 = 32 columns divide by 4, 6 do not: tensor axis dropped, fsdp kept.
+    assert shd.logical_to_spec(("embed", "kv_heads"), (64, 32), mesh) == jax.sharding.PartitionSpec("fsdp", "tensor")
+    assert shd.logical_to_spec(("embed", "kv_heads"), (64, 6), mesh) == jax.sharding.PartitionSpec("fsdp", None)
+    assert shd.logical_to_spec(("batch", None), (8, 3), shd.make_mesh((2, 4, 1))) == \
+        jax.sharding.PartitionSpec(("data", "fsdp"), None)
+
+
+def test_make_mesh_errors():
+    with pytest.raises(Exception, match=r"needs 6 devices, have 8"):
+        shd.make_mesh((2, 3, 1))
+    assert shd.make_mesh((2, -1, 1)).shape["fsdp"] == 4

@@ -43,7 +43,7 @@ def make_mesh(
     """A mesh with Auto axis types (contractions over sharded dims are legal).
 
     `shape=None` puts every device on the first axis (pure data parallelism). A -1 entry
-    takes the remaining devices.
+    takes the remaining devices. On one host, a mesh of fewer devices uses the first ones.
     """
     devices = list(devices if devices is not None else jax.devices())
     n = len(devices)
@@ -60,8 +60,11 @@ def make_mesh(
         if n % known:
             raise UserError(f"mesh shape {tuple(shape)} does not divide {n} devices")
         shape[shape.index(-1)] = n // known
-    if math.prod(shape) != n:
-        raise UserError(f"mesh shape {tuple(shape)} needs {math.prod(shape)} devices, have {n}")
+    need = math.prod(shape)
+    if need < n and jax.process_count() == 1:
+        devices = devices[:need]  # one host: a smaller mesh uses the first devices
+    elif need != n:
+        raise UserError(f"mesh shape {tuple(shape)} needs {need} devices, have {n}")
     return jax.make_mesh(tuple(shape), tuple(axis_names),
                          axis_types=(jax.sharding.AxisType.Auto,) * len(axis_names),
                          devices=devices)
@@ -104,3 +107,16 @@ def put(array, logical_axes, mesh: Mesh | None, rules=None) -> jax.Array:
     arr = np.asarray(array)
     sharding = named_sharding(logical_axes, arr.shape, mesh, rules)
     return jax.make_array_from_callback(arr.shape, sharding, lambda idx: arr[idx])
+
+
+def batch_axes(mesh: Mesh, rules=None) -> str | tuple[str, ...] | None:
+    """The mesh axes a batch dimension is split over (those of the "batch" rule with size > 1)."""
+    rules = DEFAULT_RULES if rules is None else rules
+    axes = tuple(a for a in rules["batch"] if mesh.shape.get(a, 1) > 1)
+    return None if not axes else axes[0] if len(axes) == 1 else axes
+
+
+def batch_size_divisor(mesh: Mesh, rules=None) -> int:
+    """How many ways a batch dimension is split: batch sizes must be multiples of this."""
+    rules = DEFAULT_RULES if rules is None else rules
+    return math.prod(mesh.shape.get(a, 1) for a in rules["batch"])

@@ -137,11 +137,24 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float, plus_one: bool) -> jax
     return weight.astype(x.dtype) * y.astype(x.dtype)
 
 
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
 def linear(x: jax.Array, p: Params, name: str) -> jax.Array:
-    """x @ p[name] (+ bias) (+ LoRA delta when p holds `{name}_lora_a/_lora_b/_lora_scale`)."""
+    """x @ p[name] (+ bias) (+ LoRA delta when p holds `{name}_lora_a/_lora_b/_lora_scale`).
+
+    LoRA dropout (inverted) applies to the LoRA branch's input when p holds a per-layer
+    `lora_dropout_key` and `lora_dropout_rate` (added for training steps only).
+    """
     y = x @ p[name].astype(x.dtype)
     if f"{name}_lora_a" in p:
-        low = x @ p[f"{name}_lora_a"].astype(x.dtype)
+        xl = x
+        if "lora_dropout_key" in p:
+            rate = p["lora_dropout_rate"].astype(jnp.float32)
+            key = jax.random.fold_in(p["lora_dropout_key"], LORA_TARGETS.index(name))
+            keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+            xl = jnp.where(keep, x / (1.0 - rate).astype(x.dtype), jnp.zeros_like(x))
+        low = xl @ p[f"{name}_lora_a"].astype(x.dtype)
         y = y + (low @ p[f"{name}_lora_b"].astype(x.dtype)) * p[f"{name}_lora_scale"].astype(x.dtype)
     if f"{name}_bias" in p:
         y = y + p[f"{name}_bias"].astype(x.dtype)
@@ -315,8 +328,10 @@ class Decoder(nnx.Module):
         if not config.tie_word_embeddings:
             self.lm_head = nnx.Param(params["lm_head"], logical_axes=specs["lm_head"][1])
         missing = set(specs["layers"]) - set(params["layers"])
-        if missing:
-            raise ValueError(f"params['layers'] lacks {sorted(missing)}")
+        extra = set(params["layers"]) - set(specs["layers"])
+        if missing or extra:
+            raise ValueError(f"params['layers'] does not fit this config: missing {sorted(missing)}, "
+                             f"unexpected {sorted(extra)} (merge LoRA adapters with lora.merge first)")
         self.layers = nnx.Dict({name: nnx.Param(params["layers"][name], logical_axes=axes)
                                 for name, (_, axes) in specs["layers"].items()})
 

@@ -103,6 +103,7 @@ def test_logical_rules_skip_axes_that_do_not_divide():
 
 
 def test_make_mesh_errors():
-    with pytest.raises(Exception, match=r"needs 6 devices, have 8"):
-        shd.make_mesh((2, 3, 1))
+    with pytest.raises(Exception, match=r"needs 16 devices, have 8"):
+        shd.make_mesh((2, 8, 1))
+    assert shd.make_mesh((1, 1, 1)).devices.size == 1
     assert shd.make_mesh((2, -1, 1)).shape["fsdp"] == 4

@@ -1,0 +1,1 @@
+"""Training: state, the jitted step, the Algorithm 1 loop, checkpoints and metrics."""

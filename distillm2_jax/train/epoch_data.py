@@ -1,0 +1,91 @@
+"""The training pairs of each epoch of Algorithm 1.
+
+Epoch 1 uses `data.pairs` when given; otherwise teacher responses (`data.teacher_responses`, or
+generated once from `data.prompts` with the teacher) are paired with responses of the student.
+With `generation.regenerate_student`, every later epoch samples new student responses from the
+current student. Files land in RUN_DIR/data/ and generation is restartable, so a resumed run
+reuses what was already generated (the sampling key of a row depends on seed, epoch and row).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from distillm2_jax import distributed
+from distillm2_jax.data.loader import PairLoader
+from distillm2_jax.data.pairs import build_pairs, read_pairs
+from distillm2_jax.errors import UserError
+
+
+def load_tokenizer(path: str):
+    """The (teacher's) tokenizer from a local folder; never the hub, never remote code."""
+    from transformers import AutoTokenizer
+
+    if not Path(path).is_dir():
+        raise UserError(f"model.tokenizer: {path} is not a folder")
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: cannot load a tokenizer ({str(err).splitlines()[0]})") from None
+
+
+def make_loader(cfg, pairs, tokenizer, epoch: int) -> PairLoader:
+    """This process's loader over one epoch of pairs, in the [2, G, T] pair-stacked layout."""
+    return PairLoader(pairs, tokenizer, global_batch_size=cfg.train.global_batch,
+                      max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length,
+                      seed=cfg.seed, epoch=epoch, layout="stacked", drop_remainder=True)
+
+
+class EpochData:
+    """Prepares (generating where needed) and reads the pairs of each epoch."""
+
+    def __init__(self, cfg, tokenizer, *, log=print):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.log = log
+        self.dir = Path(cfg.run_dir) / "data"
+
+    def _generate(self, model, out: Path, *, seed: int, what: str) -> Path:
+        from distillm2_jax.sampling import generate_file
+
+        g = self.cfg.generation
+        if not self.cfg.data.prompts:
+            raise UserError(f"data.prompts is required to generate {what} responses "
+                            f"(or give data.pairs / data.teacher_responses)")
+        self.log(f"generating {what} responses -> {out}")
+        generate_file(model, self.cfg.data.prompts, out, tokenizer=self.tokenizer,
+                      temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
+                      max_new_tokens=g.max_new_tokens, max_prompt_length=self.cfg.data.max_prompt_length,
+                      seed=seed, batch_size=g.batch_size, progress=self.cfg.logging.progress)
+        return out
+
+    def teacher_responses(self, teacher) -> Path:
+        given = self.cfg.data.teacher_responses
+        if given:
+            return Path(given)
+        return self._generate(teacher, self.dir / "teacher.jsonl", seed=self.cfg.seed, what="teacher")
+
+    def pairs_for_epoch(self, epoch: int, *, teacher, student) -> list:
+        """The pairs of `epoch` (0-based); `student` is the current student model."""
+        d, g = self.cfg.data, self.cfg.generation
+        if d.pairs and (epoch == 0 or not g.regenerate_student):
+            return read_pairs(d.pairs)
+        source_epoch = epoch if g.regenerate_student else 0
+        pairs_path = self.dir / f"pairs_epoch{source_epoch + 1}.jsonl"
+        if epoch > 0 and not g.regenerate_student:
+            return read_pairs(pairs_path)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        teacher_file = self.teacher_responses(teacher)
+        student_file = self._generate(student, self.dir / f"student_epoch{epoch + 1}.jsonl",
+                                      seed=self.cfg.seed + 7919 * (epoch + 1), what=f"epoch {epoch + 1} student")
+        if distributed.is_main_process():
+            stats = build_pairs(teacher_file, student_file, pairs_path)
+            self.log(f"epoch {epoch + 1}: {stats}")
+        _barrier(f"pairs_epoch{epoch + 1}")
+        return read_pairs(pairs_path)
+
+
+def _barrier(name: str) -> None:
+    import jax
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)

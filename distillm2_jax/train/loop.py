@@ -1,0 +1,343 @@
+"""Algorithm 1 of DistiLLM-2 as one run: for each epoch, (re)generate responses, measure the
+curriculum reference m (from epoch 2), and train with the b schedule; checkpoint and resume.
+
+Resume is exact: a checkpoint holds the train state (student or LoRA params, optimizer state,
+step) and JSON metadata (epoch, batch within the epoch, m, the data iterator's state), and every
+random choice is a function of (seed, step) or (seed, epoch, row), so a run killed at any point
+and restarted with the same command continues the same trajectory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from distillm2_jax import curriculum, distributed, models
+from distillm2_jax import sharding as shd
+from distillm2_jax.errors import UserError
+from distillm2_jax.train import epoch_data
+from distillm2_jax.train.checkpoint import Checkpointer
+from distillm2_jax.train.optimizer import make_optimizer
+from distillm2_jax.train.step import Batch, StepConfig, StepInputs, TrainState, combine, measure_gaps, train_step
+
+TEACHER_FREE = ("seqkd", "sft")
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What a finished (or preempted) run reports back to a Python caller."""
+    run_dir: Path
+    steps: int
+    epochs_completed: int
+    preempted: bool
+    final_metrics: dict
+    history: list[dict]
+
+
+class _Preemption:
+    """SIGTERM sets a flag; the loop checkpoints after the current step and returns."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        def handler(signum, frame):
+            self.requested = True
+        try:
+            self._previous = signal.signal(signal.SIGTERM, handler)
+        except ValueError:  # not the main thread: preemption handling is the caller's
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _batch_sharding(mesh) -> NamedSharding:
+    """[2, G, T] pair-stacked batches: pairs split over the data axes."""
+    return NamedSharding(mesh, P(None, shd.batch_axes(mesh), None))
+
+
+def _to_global(local: dict, mesh) -> Batch:
+    sharding = _batch_sharding(mesh)
+    arrays = [jax.make_array_from_process_local_data(sharding, np.asarray(local[k], np.int32))
+              for k in ("input_ids", "attention_mask", "labels")]
+    return Batch(*arrays)
+
+
+def _micro_batches(batch: Batch, num_micro: int, mesh) -> Batch:
+    """[2, G, T] -> [A, 2b, T]: micro-batch i holds pairs i, i+A, ... so each device keeps a
+    slice of every micro-batch; rows [0:b] chosen, [b:2b] rejected."""
+    def split(x):
+        two, g, t = x.shape
+        x = x.reshape(two, g // num_micro, num_micro, t).transpose(2, 0, 1, 3)
+        x = x.reshape(num_micro, two * (g // num_micro), t)
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, shd.batch_axes(mesh), None)))
+    return Batch(*(split(x) for x in batch))
+
+
+class Trainer:
+    """Holds the models, mesh, compiled steps and checkpointer of one run."""
+
+    def __init__(self, cfg, *, log=print):
+        cfg.validate_paths()
+        self.cfg = cfg
+        self.log = log if distributed.is_main_process() else (lambda *a, **k: None)
+        self.run_dir = Path(cfg.run_dir)
+        self.mesh = shd.make_mesh(tuple(cfg.mesh.shape))
+        ways = shd.batch_size_divisor(self.mesh)
+        if cfg.train.micro_batch_size % ways:
+            raise UserError(f"train.micro_batch={cfg.train.micro_batch_size} must be a multiple of the "
+                            f"{ways} data-parallel ways of mesh.shape={list(cfg.mesh.shape)} (data x fsdp)")
+        self.tokenizer = epoch_data.load_tokenizer(cfg.model.tokenizer or cfg.model.teacher)
+        obj = cfg.objective
+        self.needs_teacher = obj.name not in TEACHER_FREE
+        self.student = models.from_pretrained(cfg.model.student, dtype=getattr(jnp, cfg.model.student_dtype),
+                                              mesh=self.mesh)
+        self.teacher = None
+        vocab = len(self.tokenizer)
+        if self.needs_teacher or self._must_generate_teacher():
+            self.teacher = models.from_pretrained(cfg.model.teacher, dtype=getattr(jnp, cfg.model.teacher_dtype),
+                                                  mesh=self.mesh)
+            models.align_vocab(vocab, self.teacher, self.student)
+        else:
+            models.align_vocab(vocab, self.student)
+        params = self.student.params()
+        self.frozen: dict = {}
+        if cfg.lora.enabled:
+            from distillm2_jax.models import lora
+            params = lora.add(params, self.student.config, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
+                              targets=tuple(cfg.lora.targets), key=jax.random.key(cfg.seed), mesh=self.mesh)
+            trainable, self.frozen = lora.split(params)
+        else:
+            trainable = params
+        self.trainable0 = trainable
+        self.teacher_params = self.teacher.params() if (self.teacher is not None and self.needs_teacher) else None
+
+    # ------------------------------------------------------------------ setup helpers
+    def _must_generate_teacher(self) -> bool:
+        d = self.cfg.data
+        return not d.pairs and not d.teacher_responses
+
+    def step_config(self) -> StepConfig:
+        c, obj = self.cfg, self.cfg.objective
+        return StepConfig(
+            student=self.student.config,
+            teacher=self.teacher.config if self.teacher_params is not None else None,
+            objective=obj.name, alpha=obj.alpha, alpha_min=obj.alpha_min,
+            curriculum=obj.curriculum and obj.name == "distillm2", skew_stopgrad=obj.skew_stopgrad, reduction=obj.reduction,
+            normalization=obj.normalization, chunk_size=obj.chunk_size,
+            compute_dtype=c.model.compute_dtype, remat=c.model.remat,
+            lora_dropout=c.lora.dropout if c.lora.enabled else 0.0)
+
+    def objective_beta(self, step: int, total_steps: int, epoch: int, steps_per_epoch: int) -> float:
+        obj = self.cfg.objective
+        if obj.name == "gkd":
+            return obj.gkd_beta
+        if obj.name == "dpkd":
+            return obj.dpkd_beta
+        if obj.name != "distillm2":
+            return 0.0
+        return float(curriculum.b_schedule(
+            obj.beta_schedule, step=step, total_steps=total_steps, epoch=epoch,
+            num_epochs=self.cfg.train.epochs, steps_per_epoch=steps_per_epoch, b0=obj.beta))
+
+    def current_student(self, state: TrainState) -> models.Decoder:
+        """The student as trained so far (LoRA merged), e.g. for regenerating responses."""
+        params = combine(state.trainable, self.frozen)
+        if self.cfg.lora.enabled:
+            from distillm2_jax.models import lora
+            params = lora.merge(params)
+        return models.Decoder(self.student.config, params, hf_config=self.student.hf_config,
+                              compute_dtype=self.cfg.model.compute_dtype)
+
+    # ------------------------------------------------------------------ compiled functions
+    def compile_step(self, tx, state_shardings, num_micro: int):
+        cfg = self.step_config()
+        mesh = self.mesh
+
+        def step(state, frozen, teacher, batch, inputs):
+            return train_step(state, frozen, teacher, _micro_batches(batch, num_micro, mesh), inputs, cfg=cfg, tx=tx)
+
+        replicated = NamedSharding(mesh, P())
+        frozen_sh = jax.tree.map(lambda x: x.sharding, self.frozen)
+        teacher_sh = jax.tree.map(lambda x: x.sharding, self.teacher_params)
+        batch_sh = Batch(*([_batch_sharding(mesh)] * 3))
+        return jax.jit(step, in_shardings=(state_shardings, frozen_sh, teacher_sh, batch_sh, replicated),
+                       out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+
+    def compile_measure(self, num_micro: int):
+        cfg = self.step_config()
+        mesh = self.mesh
+
+        def measure(stats, trainable, frozen, teacher, batch):
+            return measure_gaps(stats, combine(trainable, frozen), teacher, _micro_batches(batch, num_micro, mesh), cfg=cfg)
+        replicated = NamedSharding(mesh, P())
+        return jax.jit(measure, in_shardings=(replicated, None, None, None, Batch(*([_batch_sharding(mesh)] * 3))),
+                       out_shardings=replicated)
+
+    # ------------------------------------------------------------------ the run
+    def run(self, *, max_steps: int | None = None) -> RunResult:
+        """Run (or resume) Algorithm 1; `max_steps` stops early (for tests and smoke runs)."""
+        cfg = self.cfg
+        tcfg = cfg.train
+        num_micro = tcfg.grad_accum
+        data = epoch_data.EpochData(cfg, self.tokenizer, log=self.log)
+        first_pairs = data.pairs_for_epoch(0, teacher=self.teacher, student=self.student)
+        steps_per_epoch = len(first_pairs) // tcfg.global_batch
+        if tcfg.max_steps_per_epoch:
+            steps_per_epoch = min(steps_per_epoch, tcfg.max_steps_per_epoch)
+        if steps_per_epoch < 1:
+            raise UserError(f"train.global_batch={tcfg.global_batch} is larger than the {len(first_pairs)} "
+                            f"training pairs: no step fits in an epoch")
+        total_steps = steps_per_epoch * tcfg.epochs
+        tx, lr_schedule = make_optimizer(cfg.optim, total_steps)
+
+        state = jax.jit(lambda t: TrainState(step=jnp.zeros((), jnp.int32), trainable=t, opt_state=tx.init(t)))(
+            self.trainable0)
+        state_shardings = jax.tree.map(lambda x: x.sharding, state)
+        ckpt = Checkpointer(self.run_dir / "checkpoints", keep=cfg.checkpoint.keep,
+                            async_save=cfg.checkpoint.async_save)
+        meta: dict[str, Any] = {"epoch": 0, "batch": 0, "ref_gap": None, "iterator": None,
+                                "steps_per_epoch": steps_per_epoch}
+        if ckpt.latest() is not None:
+            state, meta = ckpt.restore(None, state)
+            self.log(f"resumed from {ckpt.directory}/{ckpt.latest()} (epoch {meta['epoch'] + 1}, "
+                     f"batch {meta['batch']})")
+            if meta["steps_per_epoch"] != steps_per_epoch:
+                raise UserError(f"{ckpt.directory}: checkpoint was made with {meta['steps_per_epoch']} steps per "
+                                f"epoch, this config gives {steps_per_epoch}; use a new run_dir")
+        from distillm2_jax.train.metrics import MetricsWriter, flops_per_token, mfu, peak_flops
+
+        lora_rank = cfg.lora.rank if cfg.lora.enabled else 0
+        flops_tok = flops_per_token(self.student.config, cfg.data.max_length, lora_rank=lora_rank,
+                                    lora_targets=tuple(cfg.lora.targets))
+        if self.teacher_params is not None:
+            flops_tok += flops_per_token(self.teacher.config, cfg.data.max_length, trainable=False)
+        peak = peak_flops(self.mesh.devices.flat)
+
+        if distributed.is_main_process():
+            _record_config(cfg, self.run_dir / "config.yaml")
+
+        writer = MetricsWriter(self.run_dir, tensorboard=cfg.logging.tensorboard)
+        history: list[dict] = []
+        step_fn = None
+        preempted = False
+        last_saved = int(state.step)
+        with _Preemption() as preemption, writer:
+            for epoch in range(meta["epoch"], tcfg.epochs):
+                resuming = epoch == meta["epoch"] and meta["batch"] > 0
+                pairs = first_pairs if epoch == 0 else data.pairs_for_epoch(
+                    epoch, teacher=self.teacher, student=self.current_student(state))
+                loader = epoch_data.make_loader(cfg, pairs, self.tokenizer, epoch)
+                curriculum_on = (epoch > 0 and cfg.objective.curriculum and cfg.objective.name == "distillm2")
+                ref_gap = 0.0
+                if curriculum_on:
+                    if resuming and meta.get("ref_gap") is not None:
+                        ref_gap = meta["ref_gap"]
+                    else:
+                        ref_gap = self._measure_reference(state, loader, steps_per_epoch, num_micro)
+                    self.log(f"epoch {epoch + 1}: curriculum on, reference gap m = {ref_gap:.5f}")
+                iterator = loader.iterator(meta["iterator"] if resuming else None)
+                start = meta["batch"] if resuming else 0
+                if step_fn is None:
+                    step_fn = self.compile_step(tx, state_shardings, num_micro)
+                progress = _progress(cfg, epoch, start, steps_per_epoch)
+                for b in range(start, steps_per_epoch):
+                    t0 = time.perf_counter()
+                    batch = _to_global(next(iterator), self.mesh)
+                    step = int(state.step)
+                    beta = self.objective_beta(step, total_steps, epoch, steps_per_epoch)
+                    inputs = StepInputs(jnp.float32(beta), jnp.float32(ref_gap),
+                                        jax.random.key_data(jax.random.fold_in(jax.random.key(cfg.seed), step)),
+                                        jnp.bool_(curriculum_on))
+                    state, metrics = step_fn(state, self.frozen, self.teacher_params, batch, inputs)
+                    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    if not math.isfinite(metrics["loss"]):
+                        ckpt.wait()
+                        raise TrainingDiverged(
+                            f"loss is {metrics['loss']} at step {step + 1} (epoch {epoch + 1}, batch {b + 1}); "
+                            f"stopped without saving. Last good checkpoint: step {ckpt.latest()} in {ckpt.directory}")
+                    dt = time.perf_counter() - t0
+                    metrics.update(step=step + 1, epoch=epoch + 1, beta=beta, ref_gap=ref_gap,
+                                   lr=float(lr_schedule(step)), tokens_per_s=metrics["tokens"] / dt, step_time_s=dt,
+                                   mfu=mfu(metrics["tokens"] / dt, flops_tok, peak))
+                    history.append(metrics)
+                    if (step + 1) % tcfg.log_every == 0 or b == steps_per_epoch - 1:
+                        writer.log(step + 1, metrics)
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+                    meta = {"epoch": epoch, "batch": b + 1, "ref_gap": ref_gap if curriculum_on else None,
+                            "iterator": iterator.get_state(), "steps_per_epoch": steps_per_epoch}
+                    if max_steps is not None and step + 1 >= max_steps:
+                        preemption.requested = True
+                    if preemption.requested or (step + 1) % cfg.checkpoint.every_steps == 0:
+                        ckpt.save(step + 1, state, meta, wait=preemption.requested)
+                        last_saved = step + 1
+                    if preemption.requested:
+                        break
+                progress.close()
+                if preemption.requested:
+                    preempted = max_steps is None or int(state.step) < max_steps
+                    break
+                # meta still says (epoch, batch=steps_per_epoch): a resume goes straight to the next epoch
+                if int(state.step) != last_saved:
+                    ckpt.save(int(state.step), state, meta)
+                    last_saved = int(state.step)
+            ckpt.close()
+        self.state = state
+        epochs_done = meta["epoch"] + (1 if meta["batch"] >= steps_per_epoch else 0)
+        return RunResult(self.run_dir, int(state.step), epochs_done, preempted,
+                         history[-1] if history else {}, history)
+
+    def _measure_reference(self, state, loader, steps_per_epoch: int, num_micro: int) -> float:
+        """m: the mean gap over this epoch's data under the current student (all processes)."""
+        if not hasattr(self, "_measure_fn"):
+            self._measure_fn = self.compile_measure(num_micro)
+        stats = jax.device_put(curriculum.init_gap_stats(), NamedSharding(self.mesh, P()))
+        iterator = loader.iterator()
+        for _ in range(steps_per_epoch):
+            batch = _to_global(next(iterator), self.mesh)
+            stats = self._measure_fn(stats, state.trainable, self.frozen, self.teacher_params, batch)
+        return float(curriculum.reference_gap(stats))
+
+
+def _record_config(cfg, path: Path) -> None:
+    """Write the run's config; a resumed run must use the same one (except for run-local keys)."""
+    from distillm2_jax import config as config_lib
+
+    if path.is_file():
+        previous = config_lib.load(path, require=False)
+        keep = ("logging", "checkpoint")
+        old = {k: v for k, v in previous.model_dump().items() if k not in keep}
+        new = {k: v for k, v in cfg.model_dump().items() if k not in keep}
+        changed = sorted(k for k in new if new[k] != old.get(k))
+        if changed and changed != ["mesh"]:
+            raise UserError(f"{path}: this run folder was made with a different config "
+                            f"(sections {', '.join(changed)} differ); use a new run_dir")
+    config_lib.dump(cfg, path)
+
+
+def _progress(cfg, epoch, start, total):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=start, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+                disable=not (cfg.logging.progress and distributed.is_main_process()), leave=True)
+
+
+def train(cfg, *, max_steps: int | None = None, log=print) -> RunResult:
+    """Run or resume the distillation described by `cfg` (a `distillm2_jax.config.Config`)."""
+    return Trainer(cfg, log=log).run(max_steps=max_steps)

@@ -1,0 +1,181 @@
+"""The distillation train step: one `jax.jit` with explicit shardings and a donated state.
+
+Inside one step: for each micro-batch (a `lax.scan`, i.e. gradient accumulation), the teacher
+forward under stop-gradient, the student forward, the per-row skew `alpha` from the curriculum
+(when on), and the chunked objective from hidden states and output heads (no [2B, T, V] array);
+then the optax update. Schedules (b, the curriculum reference m) are traced scalar inputs, so
+changing them never recompiles, and whether the curriculum is on is a traced flag under
+`lax.cond` (one program; epoch 1 does not pay for the curriculum's extra head pass).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from distillm2_jax import curriculum, losses
+from distillm2_jax.models import decoder
+from distillm2_jax.models.config import ModelConfig
+
+Params = dict[str, Any]
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step changes; checkpointed whole. `trainable` is the student (or its LoRA)."""
+    step: jax.Array          # [] int32, optimizer steps taken
+    trainable: Params
+    opt_state: optax.OptState
+
+
+class Batch(NamedTuple):
+    """Token arrays of [A, 2B, T]: A micro-batches; rows [0:B] TGO (chosen), [B:2B] SGO."""
+    input_ids: jax.Array
+    attention_mask: jax.Array
+    labels: jax.Array
+
+
+class StepInputs(NamedTuple):
+    """Traced per-step scalars (changing them never recompiles)."""
+    beta: jax.Array           # [] CALD b (or the objective's beta)
+    ref_gap: jax.Array        # [] curriculum reference m
+    key: jax.Array            # PRNG key data for LoRA dropout, uint32 [2]
+    curriculum_on: jax.Array  # [] bool: per-row a from the curriculum (epoch >= 2) or fixed a0
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """Static settings of the step (hashable: part of the compiled program's identity)."""
+    student: ModelConfig
+    teacher: ModelConfig | None
+    objective: str = "distillm2"
+    alpha: float = 0.1
+    alpha_min: float = 0.01
+    curriculum: bool = False      # the a curriculum exists in this run (switched on by StepInputs)
+    skew_stopgrad: bool = True
+    reduction: str = "sequence"
+    normalization: str = "paper"
+    chunk_size: int = 128
+    compute_dtype: str = "float32"
+    remat: str = "none"
+    lora_dropout: float = 0.0
+
+
+def combine(trainable: Params, frozen: Params) -> Params:
+    """Student params from the trainable leaves and the frozen rest (LoRA: base weights)."""
+    if not frozen:
+        return trainable
+    out = {k: v for k, v in frozen.items() if k != "layers"}
+    out.update({k: v for k, v in trainable.items() if k != "layers"})
+    out["layers"] = {**frozen.get("layers", {}), **trainable.get("layers", {})}
+    return out
+
+
+def _with_lora_dropout(params: Params, cfg: StepConfig, key: jax.Array) -> Params:
+    if cfg.lora_dropout <= 0 or not any(k.endswith("_lora_a") for k in params["layers"]):
+        return params
+    L = cfg.student.num_layers
+    layers = dict(params["layers"])
+    layers["lora_dropout_key"] = jax.random.split(jax.random.wrap_key_data(key), L)
+    layers["lora_dropout_rate"] = jnp.full((L,), cfg.lora_dropout, jnp.float32)
+    return {**params, "layers": layers}
+
+
+def micro_loss(trainable: Params, frozen: Params, teacher: Params | None, cfg: StepConfig,
+               input_ids, attention_mask, labels, inputs: StepInputs):
+    """Loss and metrics of one micro-batch [2B, T]."""
+    student = _with_lora_dropout(combine(trainable, frozen), cfg, inputs.key)
+    dtype = cfg.compute_dtype
+    hs, _ = decoder.forward(student, cfg.student, input_ids, attention_mask,
+                            compute_dtype=dtype, remat=cfg.remat)
+    ws = decoder.output_head(student, cfg.student)
+    ht = wt = None
+    if cfg.teacher is not None:
+        teacher = jax.lax.stop_gradient(teacher)
+        ht, _ = decoder.forward(teacher, cfg.teacher, input_ids, attention_mask, compute_dtype=dtype)
+        ht = jax.lax.stop_gradient(ht)
+        wt = decoder.output_head(teacher, cfg.teacher)
+    num_pairs = input_ids.shape[0] // 2
+    softcaps = dict(student_softcap=cfg.student.final_softcap,
+                    teacher_softcap=None if cfg.teacher is None else cfg.teacher.final_softcap)
+    rows = input_ids.shape[0]
+    alpha = jnp.full((rows,), cfg.alpha, jnp.float32)
+    if cfg.curriculum and cfg.teacher is not None:
+        def curriculum_alpha():
+            seq = losses.chunked_sequence_logprobs(hs, ws, ht, wt, labels, chunk_size=cfg.chunk_size, **softcaps)
+            a, _ = curriculum.curriculum_alpha(seq, inputs.ref_gap, enabled=True, a0=cfg.alpha, a_min=cfg.alpha_min)
+            return jnp.broadcast_to(a, (rows,)).astype(jnp.float32)
+        alpha = jax.lax.stop_gradient(jax.lax.cond(inputs.curriculum_on, curriculum_alpha, lambda: alpha))
+    loss, metrics = losses.chunked_objective(
+        cfg.objective, hs, ws, ht, wt, labels, num_pairs=num_pairs, chunk_size=cfg.chunk_size,
+        alpha=alpha, beta=inputs.beta, skew_stopgrad=cfg.skew_stopgrad, reduction=cfg.reduction,
+        normalization=cfg.normalization, **softcaps)
+    metrics = {**metrics, "alpha_mean": jnp.mean(alpha), "alpha_min": jnp.min(alpha), "alpha_max": jnp.max(alpha),
+               "tokens": jnp.sum(labels != losses.IGNORE_INDEX)}
+    return loss, metrics
+
+
+# Metrics combined over micro-batches by min/max instead of the mean.
+_REDUCE = {"alpha_min": jnp.minimum, "alpha_max": jnp.maximum}
+_INIT = {"alpha_min": float("inf"), "alpha_max": float("-inf")}
+
+
+def _scalar_metrics(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if jnp.ndim(v) == 0}
+
+
+def train_step(state: TrainState, frozen: Params, teacher: Params | None, batch: Batch,
+               inputs: StepInputs, *, cfg: StepConfig, tx: optax.GradientTransformation):
+    """One optimizer step over A micro-batches; returns (new state, scalar metrics)."""
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    num_micro = batch.input_ids.shape[0]
+
+    def accumulate(carry, micro):
+        grads_sum, metrics_sum = carry
+        ids, mask, labels, i = micro
+        step_inputs = inputs._replace(key=jax.random.key_data(
+            jax.random.fold_in(jax.random.wrap_key_data(inputs.key), i)))
+        (loss, metrics), grads = grad_fn(state.trainable, frozen, teacher, cfg, ids, mask, labels, step_inputs)
+        metrics = {**_scalar_metrics(metrics), "loss": loss}
+        grads_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_sum, grads)
+        metrics_sum = {k: _REDUCE.get(k, jnp.add)(metrics_sum[k], v) for k, v in metrics.items()}
+        return (grads_sum, metrics_sum), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.trainable)
+    metric_shapes = jax.eval_shape(
+        lambda: {**_scalar_metrics(micro_loss(state.trainable, frozen, teacher, cfg, batch.input_ids[0],
+                                              batch.attention_mask[0], batch.labels[0], inputs)[1]),
+                 "loss": jnp.float32(0)})
+    metric_zeros = {k: jnp.full(v.shape, _INIT.get(k, 0.0), jnp.float32) for k, v in metric_shapes.items()}
+    (grads, metrics), _ = jax.lax.scan(
+        accumulate, (zeros, metric_zeros),
+        (batch.input_ids, batch.attention_mask, batch.labels, jnp.arange(num_micro)))
+    grads = jax.tree.map(lambda g, p: (g / num_micro).astype(p.dtype), grads, state.trainable)
+    metrics = {k: v if k in _REDUCE or k == "tokens" else v / num_micro for k, v in metrics.items()}
+    updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+    trainable = optax.apply_updates(state.trainable, updates)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    new_state = TrainState(step=state.step + 1, trainable=trainable, opt_state=opt_state)
+    return new_state, metrics
+
+
+def measure_gaps(stats: curriculum.GapStats, student: Params, teacher: Params, batch: Batch,
+                 *, cfg: StepConfig) -> curriculum.GapStats:
+    """Add one batch's per-sequence gaps (forward only) to the epoch's running sums."""
+    def one(stats, micro):
+        ids, mask, labels = micro
+        hs, _ = decoder.forward(student, cfg.student, ids, mask, compute_dtype=cfg.compute_dtype)
+        ht, _ = decoder.forward(teacher, cfg.teacher, ids, mask, compute_dtype=cfg.compute_dtype)
+        seq = losses.chunked_sequence_logprobs(
+            hs, decoder.output_head(student, cfg.student), ht, decoder.output_head(teacher, cfg.teacher),
+            labels, chunk_size=cfg.chunk_size, student_softcap=cfg.student.final_softcap,
+            teacher_softcap=cfg.teacher.final_softcap)
+        gap = curriculum.sequence_gaps(seq["student_logp_seq"], seq["teacher_logp_seq"], ids.shape[0] // 2)
+        return curriculum.update_gap_stats(stats, gap, seq["tokens_seq"]), None
+
+    stats, _ = jax.lax.scan(one, stats, (batch.input_ids, batch.attention_mask, batch.labels))
+    return stats

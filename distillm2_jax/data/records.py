@@ -291,9 +291,10 @@ def iter_tfds_records(spec_str: str) -> Iterator[RawRecord]:
 # --------------------------------------------------------------------------- dispatch
 
 
-def iter_records(spec: str, *, skip_malformed: bool = False,
+def iter_records(spec: str | os.PathLike, *, skip_malformed: bool = False,
                  counter: MalformedCounter | None = None) -> Iterator[RawRecord]:
     """Yield the raw records of any supported source spec (see the module docstring)."""
+    spec = os.fspath(spec)
     if spec.startswith("tfds:"):
         yield from iter_tfds_records(spec)
         return

@@ -53,14 +53,18 @@ def from_config(hf_config, *, seed: int = 0, dtype=jnp.float32, mesh=None, rules
                 compute_dtype=None) -> Decoder:
     """A randomly initialised Decoder from a transformers config object or a dict with `model_type`.
 
+    Kernels are normal(0, `initializer_range`) as in transformers; norms 1 (Gemma: 0); biases 0.
+
     With a mesh, parameters are created already sharded (a jitted init with out_shardings).
     """
     if isinstance(hf_config, dict):
         hf_config = hf_config_from_dict(hf_config)
     cfg = from_hf(hf_config, where="config")
 
+    init_std = float(getattr(hf_config, "initializer_range", None) or 0.02)
+
     def init(key):
-        return init_params(cfg, key, dtype)
+        return init_params(cfg, key, dtype, init_std=init_std)
 
     out_shardings = None if mesh is None else param_shardings(cfg, mesh, rules)
     params = jax.jit(init, out_shardings=out_shardings)(jax.random.key(seed))

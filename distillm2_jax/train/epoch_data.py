@@ -38,14 +38,15 @@ def make_loader(cfg, pairs, tokenizer, epoch: int) -> PairLoader:
 class EpochData:
     """Prepares (generating where needed) and reads the pairs of each epoch."""
 
-    def __init__(self, cfg, tokenizer, *, log=print):
+    def __init__(self, cfg, tokenizer, *, mesh=None, log=print):
         self.cfg = cfg
         self.tokenizer = tokenizer
+        self.mesh = mesh
         self.log = log
         self.dir = Path(cfg.run_dir) / "data"
 
     def _generate(self, model, out: Path, *, seed: int, what: str) -> Path:
-        from distillm2_jax.sampling import generate_file
+        from distillm2_jax.generate import generate_file
 
         g = self.cfg.generation
         if not self.cfg.data.prompts:
@@ -55,14 +56,19 @@ class EpochData:
         generate_file(model, self.cfg.data.prompts, out, tokenizer=self.tokenizer,
                       temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
                       max_new_tokens=g.max_new_tokens, max_prompt_length=self.cfg.data.max_prompt_length,
-                      seed=seed, batch_size=g.batch_size, progress=self.cfg.logging.progress)
+                      seed=seed, batch_size=g.batch_size, progress=self.cfg.logging.progress,
+                      mesh=self.mesh, model_name=what)
         return out
 
     def teacher_responses(self, teacher) -> Path:
+        """Given, or generated once per run (the file is complete after the first epoch)."""
         given = self.cfg.data.teacher_responses
         if given:
             return Path(given)
-        return self._generate(teacher, self.dir / "teacher.jsonl", seed=self.cfg.seed, what="teacher")
+        if getattr(self, "_teacher_file", None) is None:
+            self._teacher_file = self._generate(teacher, self.dir / "teacher.jsonl", seed=self.cfg.seed,
+                                                what="teacher")
+        return self._teacher_file
 
     def pairs_for_epoch(self, epoch: int, *, teacher, student) -> list:
         """The pairs of `epoch` (0-based); `student` is the current student model."""

@@ -196,7 +196,7 @@ class Trainer:
         cfg = self.cfg
         tcfg = cfg.train
         num_micro = tcfg.grad_accum
-        data = epoch_data.EpochData(cfg, self.tokenizer, log=self.log)
+        data = epoch_data.EpochData(cfg, self.tokenizer, mesh=self.mesh, log=self.log)
         first_pairs = data.pairs_for_epoch(0, teacher=self.teacher, student=self.student)
         steps_per_epoch = len(first_pairs) // tcfg.global_batch
         if tcfg.max_steps_per_epoch:

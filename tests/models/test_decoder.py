@@ -49,7 +49,8 @@ def test_remat_keeps_values_and_gradients():
         val, grad = grad_fn(params, policy)
         np.testing.assert_allclose(val, ref_val, rtol=1e-6)
         for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad)):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+            # recomputation reorders float sums: compare at 1e-5 of each gradient's own scale
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * float(np.abs(b).max()))
     with pytest.raises(ValueError, match="remat 'sometimes'"):
         loss(params, "sometimes")
 
@@ -82,6 +83,12 @@ def test_align_vocab_slices_logits_not_weights():
     assert teacher.embed[...].shape == (112, 64)  # export still writes the full head
     with pytest.raises(Exception, match="fewer than the shared vocabulary of 100"):
         models.align_vocab(100, teacher, student)
+
+
+def test_from_config_honours_initializer_range():
+    for std in (0.02, 0.5):
+        q = np.asarray(models.from_config(hf_config("llama", initializer_range=std), seed=0).layers["q"][...])
+        assert abs(q.std() - std) < 0.1 * std
 
 
 def test_from_config_creates_sharded_params():

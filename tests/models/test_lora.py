@@ -84,7 +84,9 @@ def test_add_some_targets_on_a_mesh(model):
 def test_zero_b_leaves_the_model_unchanged(model, zero_b):
     cfg, base = model.config, model.params()
     ids, mask = padded_batch(seed=1)
-    np.testing.assert_allclose(logits(zero_b, cfg, ids, mask), logits(base, cfg, ids, mask), atol=1e-6, rtol=0)
+    ref = logits(base, cfg, ids, mask)
+    # identical math; XLA may fuse the zero branch differently: 1e-6 of the logits' scale
+    np.testing.assert_allclose(logits(zero_b, cfg, ids, mask), ref, atol=1e-6 * float(np.abs(ref).max()), rtol=0)
 
 
 def test_merge_equals_the_adapted_forward(model, adapted):
@@ -166,5 +168,6 @@ def test_with_dropout_entries_and_effect(model, zero_b, adapted):
     b = np.asarray(logits(lora.with_dropout(adapted, jax.random.key(4), 0.5), cfg, ids, mask))
     assert np.abs(a - ref).max() > 1e-3 and np.abs(a - b).max() > 1e-3
     # dropout acts on the LoRA branch only: with B = 0 the output is the base model's
+    base_logits = logits(model.params(), cfg, ids, mask)
     np.testing.assert_allclose(logits(lora.with_dropout(zero_b, jax.random.key(5), 0.5), cfg, ids, mask),
-                               logits(model.params(), cfg, ids, mask), atol=1e-6, rtol=0)
+                               base_logits, atol=1e-6 * float(np.abs(base_logits).max()), rtol=0)

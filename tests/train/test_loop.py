@@ -49,8 +49,17 @@ def test_same_trajectory_on_every_mesh(tiny, tmp_path):
                                    [h["grad_norm"] for h in ref.history], rtol=1e-4, err_msg=shape)
 
 
-def test_curriculum_on_from_epoch_two_and_b_schedule(tiny, tmp_path):
-    run = train(tiny_config(tiny, tmp_path / "run", **{"objective.beta_schedule": "paper"}))
+def test_algorithm1_regenerates_and_turns_curriculum_on_from_epoch_two(tiny, tmp_path):
+    """Teacher responses generated once, student responses regenerated each epoch from the
+    current student, m measured at epoch 2, per-row a from then on, b on the paper schedule."""
+    run = train(tiny_config(tiny, tmp_path / "run", **{"objective.beta_schedule": "paper", "data.pairs": "null",
+                                                        "generation.regenerate_student": "true"}))
+    data = tmp_path / "run" / "data"
+    assert sorted(p.name for p in data.glob("*.jsonl")) == [
+        "pairs_epoch1.jsonl", "pairs_epoch2.jsonl", "student_epoch1.jsonl", "student_epoch2.jsonl", "teacher.jsonl"]
+    epoch1 = [json.loads(x)["response"] for x in (data / "student_epoch1.jsonl").read_text().splitlines()]
+    epoch2 = [json.loads(x)["response"] for x in (data / "student_epoch2.jsonl").read_text().splitlines()]
+    assert len(epoch1) == len(epoch2) == 16 and epoch1 != epoch2  # sampled again from the trained student
     hist = run.history
     assert [h["epoch"] for h in hist] == [1, 1, 2, 2]
     for h in hist[:2]:  # epoch 1: fixed a0

@@ -1,0 +1,27 @@
+"""The Python API for scripted experiments; the `distillm2` CLI is a thin layer over it.
+
+    from distillm2_jax import api
+
+    cfg = api.load_config("configs/default.yaml", ["train.epochs=2"])   # or api.Config() in code
+    for objective in ("distillm2", "kd", "gkd"):
+        run = api.train(cfg.override(**{"objective.name": objective, "run_dir": f"runs/{objective}"}))
+        student = api.restore_student(run.run_dir)
+        print(objective, api.nll(student, "heldout_pairs.jsonl", api.load_tokenizer(cfg.model.teacher)))
+        api.export(run.run_dir, f"exports/{objective}")
+"""
+from __future__ import annotations
+
+from distillm2_jax.config import Config, dump as dump_config, load as load_config, with_overrides
+from distillm2_jax.data.pairs import build_pairs, read_pairs
+from distillm2_jax.evaluate import NLLResult, nll
+from distillm2_jax.generate import generate_file, sample
+from distillm2_jax.models import from_config, from_pretrained, save_pretrained
+from distillm2_jax.train.epoch_data import load_tokenizer
+from distillm2_jax.train.export import export_run as export, restore_student
+from distillm2_jax.train.loop import RunResult, Trainer, train
+
+__all__ = [
+    "Config", "NLLResult", "RunResult", "Trainer", "build_pairs", "dump_config", "export", "from_config",
+    "from_pretrained", "generate_file", "load_config", "load_tokenizer", "nll", "read_pairs",
+    "restore_student", "sample", "save_pretrained", "train", "with_overrides",
+]

@@ -116,14 +116,12 @@ class MeshSection(_Section):
 
 class DataSection(_Section):
     prompts: str | None = None            # prompt source spec (file, folder or tfds:...) for generation
-    eval_prompts: str | None = None       # separate evaluation prompts (same spec syntax)
     pairs: str | None = None              # precomputed pairs jsonl used for epoch 1
     teacher_responses: str | None = None  # precomputed teacher generations jsonl
     max_length: int = Field(1024, gt=0)
     max_prompt_length: int = Field(512, gt=0)
-    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)  # held out by prompt hash
 
-    paths_as_text = field_validator("prompts", "eval_prompts", "pairs", "teacher_responses",
+    paths_as_text = field_validator("prompts", "pairs", "teacher_responses",
                                     mode="before")(classmethod(_fspath))
 
 
@@ -168,7 +166,6 @@ class TrainSection(_Section):
     micro_batch: int | None = Field(None, gt=0)       # pairs per forward/backward; null = global_batch
     max_steps_per_epoch: int | None = Field(None, gt=0)
     log_every: int = Field(10, gt=0)
-    eval_every: int | None = Field(None, gt=0)
 
     @property
     def micro_batch_size(self) -> int:
@@ -315,7 +312,7 @@ class Config(_Section):
             value = self._get(key)
             if value is not None and not Path(value).is_file():
                 raise ConfigError(f"{value} is not a file", key, self._source(key))
-        for key in ("data.prompts", "data.eval_prompts"):
+        for key in ("data.prompts",):
             value = self._get(key)
             if value is None:
                 continue

@@ -590,7 +590,7 @@ _fused.defvjp(_fused_fwd, _fused_bwd, symbolic_zeros=True)
 
 def chunked_objective(name: str, student_hidden: jax.Array, student_head: jax.Array,
                       teacher_hidden: jax.Array | None, teacher_head: jax.Array | None,
-                      labels: jax.Array, *, num_pairs: int, chunk_size: int = 256,
+                      labels: jax.Array, *, num_pairs: int, chunk_size: int = 128,
                       student_softcap: float | None = None, teacher_softcap: float | None = None,
                       alpha=0.1, beta=None, skew_stopgrad: bool = True,
                       reduction: str = "sequence", normalization: str = "paper",
@@ -606,7 +606,9 @@ def chunked_objective(name: str, student_hidden: jax.Array, student_head: jax.Ar
       student_hidden: [2B, T, H]; student_head: [H, V] (e.g. the embedding transposed if tied).
       teacher_hidden: [2B, T, Ht]; teacher_head: [Ht, V]. Stop-gradient. None for seqkd / sft.
       labels: [2B, T] int, -100 on prompt and padding (shifted here).
-      chunk_size: positions per chunk (T is padded internally to a multiple).
+      chunk_size: positions per chunk (T is padded internally to a multiple). The fused path
+        holds about 3 * 2B * chunk_size * V float32 values per chunk (plus the [H, V] head
+        gradient): e.g. 2B = 4, V = 151936, chunk 64 -> 0.5 GiB.
       student_softcap, teacher_softcap: final-logit soft-cap c (Gemma2), or None.
       grad_mode: "fused" (default) computes the head gradients inside the forward scan through a
         custom VJP, so the backward pass does no recompute: 2 head matmuls forward + 2 backward
@@ -655,25 +657,23 @@ def chunked_objective(name: str, student_hidden: jax.Array, student_head: jax.Ar
     lab = _shifted_labels(labels)
     tokens = jnp.sum(lab != IGNORE_INDEX, axis=1)
     lab_c = _to_chunks(lab, chunk, n_chunks, IGNORE_INDEX)
+    # _to_chunks is linear: autodiff maps the chunked cotangent back to [2B, T, H].
+    hs = _to_chunks(student_hidden, chunk, n_chunks, 0)
     ht = wt = None
     if has_teacher:
         ht = _to_chunks(_sg(teacher_hidden), chunk, n_chunks, 0)
         wt = _sg(teacher_head)
-
     if grad_mode == "remat":
-        hs = _to_chunks(student_hidden, chunk, n_chunks, 0)
         sums = _scan_sums(cs, hs, student_head, ht, wt, lab_c, alpha, beta_arr, remat=True)
         return _finalize(spec, sums, tokens, beta_arr)
-
-    # _to_chunks is linear: autodiff maps the chunked cotangent back to [2B, T, H].
-    hs = _to_chunks(student_hidden, chunk, n_chunks, 0)
-    cs = cs._replace(dh_dtype=jnp.dtype(hs.dtype).name, dw_dtype=jnp.dtype(student_head.dtype).name)
+    cs = cs._replace(dh_dtype=jnp.dtype(hs.dtype).name,
+                     dw_dtype=jnp.dtype(student_head.dtype).name)
     return _fused(cs, hs, student_head, ht, wt, lab_c, tokens, alpha, beta_arr)
 
 
 def chunked_sequence_logprobs(student_hidden: jax.Array, student_head: jax.Array,
                               teacher_hidden: jax.Array, teacher_head: jax.Array,
-                              labels: jax.Array, *, chunk_size: int = 256,
+                              labels: jax.Array, *, chunk_size: int = 128,
                               student_softcap: float | None = None,
                               teacher_softcap: float | None = None) -> dict[str, jax.Array]:
     """Per-sequence mean label log-probs from hidden states, chunked, forward only.

@@ -84,19 +84,23 @@ def main():
     import matplotlib.pyplot as plt
 
     r = run_toy(args.steps, args.lr)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(r["x"], r["p"], "k-", lw=2, label="target p")
-    ax.plot(r["x"], r["fkl"][0], "k:", label="initial q (uniform)")
-    ax.plot(r["x"], r["fkl"][-1], "C0-o", ms=3, label=f"KL(p||q), {args.steps} steps")
-    ax.plot(r["x"], r["rkl"][-1], "C3-s", ms=3, label=f"KL(q||p), {args.steps} steps")
-    ax.set_xlabel("x")
-    ax.set_ylabel("probability")
-    ax.set_yscale("log")
-    ax.legend()
     hf, tf = head_tail_mass(r["fkl"][-1])
     hr, tr = head_tail_mass(r["rkl"][-1])
-    ax.set_title(f"head mass (x<8): KL {hf:.3f} / RKL {hr:.3f};  far tail (x>=60): KL {tf:.3f} / "
-                 f"RKL {tr:.3f}", fontsize=9)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, log in zip(axes, (False, True)):
+        ax.plot(r["x"], r["p"], "k-", lw=2, label="target p")
+        ax.plot(r["x"], r["fkl"][0], "k:", label="initial q (uniform)")
+        ax.plot(r["x"], r["fkl"][-1], "C0-o", ms=3, label=f"KL(p||q), {args.steps} Adam steps")
+        ax.plot(r["x"], r["rkl"][-1], "C3-s", ms=3, label=f"KL(q||p), {args.steps} Adam steps")
+        ax.set_xlabel("x")
+        ax.set_ylabel("probability")
+        if log:
+            ax.set_yscale("log")
+            ax.set_ylim(1e-4, 1.0)
+            ax.set_title(f"far tail (x >= 60): KL {tf:.3f}, RKL {tr:.3f}", fontsize=10)
+        else:
+            ax.set_title(f"head (x < 8): KL {hf:.3f}, RKL {hr:.3f}", fontsize=10)
+            ax.legend()
     fig.tight_layout()
     fig.savefig(args.out, dpi=120)
     print(f"wrote {args.out}: head KL {hf:.4f} RKL {hr:.4f}; tail KL {tf:.4f} RKL {tr:.4f}")

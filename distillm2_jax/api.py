@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from distillm2_jax.config import Config, dump as dump_config, load as load_config, with_overrides
 from distillm2_jax.data.pairs import build_pairs, read_pairs
-from distillm2_jax.evaluate import NLLResult, nll
+from distillm2_jax.evaluate import (AcceptanceResult, ExactMatchResult, NLLResult, acceptance_rate, exact_match,
+                                    nll, respond)
 from distillm2_jax.generate import generate_file, sample
 from distillm2_jax.models import from_config, from_pretrained, save_pretrained
 from distillm2_jax.train.epoch_data import load_tokenizer
@@ -21,7 +22,8 @@ from distillm2_jax.train.export import export_run as export, restore_student
 from distillm2_jax.train.loop import RunResult, Trainer, train
 
 __all__ = [
-    "Config", "NLLResult", "RunResult", "Trainer", "build_pairs", "dump_config", "export", "from_config",
-    "from_pretrained", "generate_file", "load_config", "load_tokenizer", "nll", "read_pairs",
-    "restore_student", "sample", "save_pretrained", "train", "with_overrides",
+    "AcceptanceResult", "Config", "ExactMatchResult", "NLLResult", "RunResult", "Trainer", "acceptance_rate",
+    "build_pairs", "dump_config", "exact_match", "export", "from_config", "from_pretrained", "generate_file",
+    "load_config", "load_tokenizer", "nll", "read_pairs", "respond", "restore_student", "sample",
+    "save_pretrained", "train", "with_overrides",
 ]

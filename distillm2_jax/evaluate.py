@@ -56,3 +56,127 @@ def nll(model, pairs, tokenizer, *, batch_size: int = 8, max_length: int = 1024,
     mean = total / max(count, 1)
     return NLLResult(nll=mean, perplexity=math.exp(mean) if count else float("nan"), tokens=count,
                      sequences=len(pairs))
+
+
+# --------------------------------------------------------------------------- generation-based
+
+
+def _messages(prompt) -> list:
+    from distillm2_jax.data.messages import prompt_from_value
+
+    return prompt_from_value(prompt, "prompt", "prompt")[1]
+
+
+def respond(model, prompts, tokenizer, *, max_new_tokens: int = 256, temperature: float = 0.0,
+            batch_size: int = 32, max_prompt_length: int = 512, seed: int = 0) -> list[str]:
+    """One response per prompt (a string or a messages list), greedy by default, decoded text."""
+    from distillm2_jax.data.chat import encode_prompts, pad_token_id, stop_token_ids
+    from distillm2_jax.generate import sample
+
+    encoded = encode_prompts(tokenizer, [_messages(p) for p in prompts], max_prompt_length=max_prompt_length)
+    stops = set(stop_token_ids(tokenizer))
+    results = sample(model, [e.input_ids.tolist() for e in encoded], max_new_tokens=max_new_tokens,
+                     temperature=temperature, eos_ids=tuple(stops), seed=seed, batch_size=batch_size,
+                     pad_id=pad_token_id(tokenizer))
+    return [tokenizer.decode([t for t in r.tokens if t not in stops], skip_special_tokens=True) for r in results]
+
+
+@dataclasses.dataclass(frozen=True)
+class ExactMatchResult:
+    accuracy: float          # correct / total
+    correct: int
+    total: int
+    malformed: int           # responses with no extractable answer (counted as wrong)
+    responses: list[str]     # the model's responses, in the order of the records
+
+
+def exact_match(model, records, tokenizer, *, extract=None, correct=None, **respond_kwargs) -> ExactMatchResult:
+    """Greedy-decode every record's `prompt` and compare the extracted answer with its `answer`.
+
+    records: dicts with `prompt` and `answer`. extract(prompt, response) -> answer or None
+    (malformed) and correct(prompt, response, answer) -> bool default to the generic
+    `answers.extract_answer` / `answers.exact_match`; the demo passes its task's checker.
+    """
+    from distillm2_jax import answers
+
+    extract = extract or (lambda prompt, response: answers.extract_answer(response))
+    correct = correct or (lambda prompt, response, answer: answers.exact_match(response, answer))
+    responses = respond(model, [r["prompt"] for r in records], tokenizer, **respond_kwargs)
+    good = bad = 0
+    for rec, resp in zip(records, responses):
+        if extract(rec["prompt"], resp) is None:
+            bad += 1
+        elif correct(rec["prompt"], resp, rec["answer"]):
+            good += 1
+    return ExactMatchResult(good / max(len(records), 1), good, len(records), bad, responses)
+
+
+@dataclasses.dataclass(frozen=True)
+class AcceptanceResult:
+    """Speculative decoding with the evaluated model as the draft and a target model.
+
+    rate: mean over response positions of sum_v min(p_target, q_draft), the probability that
+    speculative sampling (Leviathan et al., 2023) accepts a drafted token at temperature 1.
+    greedy_rate: fraction of positions where both models' argmax agree (greedy drafting).
+    Positions are those of the given responses (the target's samples: the contexts speculative
+    decoding visits, since its output follows the target's distribution).
+    """
+    rate: float
+    greedy_rate: float
+    tokens: int
+
+    def tokens_per_target_call(self, draft_length: int) -> float:
+        """Expected tokens per target forward with `draft_length` drafted tokens: (1-a^(k+1))/(1-a)."""
+        a = self.rate
+        if a >= 1.0:
+            return float(draft_length + 1)
+        return (1.0 - a ** (draft_length + 1)) / (1.0 - a)
+
+
+@functools.partial(jax.jit, static_argnames=("dcfg", "tcfg"))
+def _acceptance_sums(dparams, dcfg, tparams, tcfg, input_ids, attention_mask, labels):
+    lq = jax.nn.log_softmax(decoder.logits_from_hidden(dparams, dcfg, decoder.forward(
+        dparams, dcfg, input_ids, attention_mask)[0][:, :-1]), axis=-1)
+    lp = jax.nn.log_softmax(decoder.logits_from_hidden(tparams, tcfg, decoder.forward(
+        tparams, tcfg, input_ids, attention_mask)[0][:, :-1]), axis=-1)
+    mask = labels[:, 1:] != losses.IGNORE_INDEX
+    accept = jnp.sum(jnp.minimum(jnp.exp(lp), jnp.exp(lq)), axis=-1)
+    agree = jnp.argmax(lp, axis=-1) == jnp.argmax(lq, axis=-1)
+    return jnp.sum(accept * mask), jnp.sum(agree * mask), jnp.sum(mask)
+
+
+def _colocate(*trees):
+    """The trees unchanged when their arrays live on the same devices, else all on one device
+    (e.g. a student restored onto a training mesh next to a teacher loaded on one device)."""
+    devices = [frozenset(d for x in jax.tree.leaves(t) for d in x.devices()) for t in trees]
+    if len(set(devices)) <= 1:
+        return trees
+    one = jax.devices()[0]
+    return tuple(jax.device_put(t, one) for t in trees)
+
+
+def acceptance_rate(draft, target, pairs, tokenizer, *, batch_size: int = 8, max_length: int = 1024,
+                    max_prompt_length: int = 512) -> AcceptanceResult:
+    """Acceptance rate of `draft` proposing tokens for `target` on the `chosen` responses of `pairs`.
+
+    Both models must share the tokenizer (their heads are compared over `len(tokenizer)` ids).
+    """
+    if isinstance(pairs, (str, bytes)) or hasattr(pairs, "__fspath__"):
+        pairs = read_pairs(pairs)
+    vocab = len(tokenizer)
+    dcfg = dataclasses.replace(draft.config, logits_vocab=vocab)
+    tcfg = dataclasses.replace(target.config, logits_vocab=vocab)
+    for name, cfg in (("draft", dcfg), ("target", tcfg)):
+        if cfg.vocab_size < vocab:
+            raise ValueError(f"{name} model has {cfg.vocab_size} output rows, fewer than the tokenizer's {vocab}")
+    dparams, tparams = _colocate(draft.params(), target.params())
+    acc = agree = count = 0.0
+    for start in range(0, len(pairs), batch_size):
+        chunk = list(pairs[start:start + batch_size])
+        batch = make_batch(chunk, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length)
+        n = len(chunk)
+        a, g, c = _acceptance_sums(dparams, dcfg, tparams, tcfg,
+                                   jnp.asarray(batch["input_ids"][:n]), jnp.asarray(batch["attention_mask"][:n]),
+                                   jnp.asarray(batch["labels"][:n]))
+        acc, agree, count = acc + float(a), agree + float(g), count + int(c)
+    return AcceptanceResult(acc / max(count, 1), agree / max(count, 1), int(count))

@@ -30,3 +30,45 @@ def test_nll_matches_torch(tmp_path):
     assert result.tokens == int(valid.sum()) and result.sequences == n
     np.testing.assert_allclose(result.nll, expected, rtol=1e-5)
     np.testing.assert_allclose(result.perplexity, np.exp(expected), rtol=1e-5)
+
+
+def _torch_probs(model, ids, mask):
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor(ids, dtype=torch.int64),
+                       attention_mask=torch.tensor(mask, dtype=torch.int64)).logits
+    return torch.softmax(logits[:, :-1].double(), -1).numpy()
+
+
+def test_acceptance_rate_matches_a_direct_computation(tmp_path):
+    """rate = mean over response positions of sum_v min(p, q), from PyTorch's own logits."""
+    from transformers import AutoModelForCausalLM
+
+    paths = build_tiny_run(tmp_path, num_prompts=5)
+    tok = api.load_tokenizer(str(paths["teacher"]))
+    pairs = api.read_pairs(str(paths["pairs"]))
+    result = api.acceptance_rate(api.from_pretrained(paths["student"]), api.from_pretrained(paths["teacher"]),
+                                 pairs, tok, batch_size=2, max_length=48, max_prompt_length=24)
+
+    batch = make_batch(pairs, tok, max_length=48, max_prompt_length=24)
+    n = len(pairs)
+    ids, mask, labels = (np.asarray(batch[k][:n]) for k in ("input_ids", "attention_mask", "labels"))
+    q = _torch_probs(AutoModelForCausalLM.from_pretrained(str(paths["student"])), ids, mask)
+    p = _torch_probs(AutoModelForCausalLM.from_pretrained(str(paths["teacher"])), ids, mask)
+    valid = labels[:, 1:] != losses.IGNORE_INDEX
+    accept = np.minimum(p, q).sum(-1)
+    agree = p.argmax(-1) == q.argmax(-1)
+    assert result.tokens == int(valid.sum())
+    np.testing.assert_allclose(result.rate, accept[valid].mean(), rtol=1e-5)
+    np.testing.assert_allclose(result.greedy_rate, agree[valid].mean(), rtol=1e-6)
+    assert 0.0 < result.rate < 1.0
+    # Expected tokens per target call with k drafted tokens: sum_{i<=k} a^i.
+    k = 3
+    np.testing.assert_allclose(result.tokens_per_target_call(k), sum(result.rate ** i for i in range(k + 1)))
+
+
+def test_a_model_accepts_all_of_its_own_drafts(tmp_path):
+    paths = build_tiny_run(tmp_path, num_prompts=3)
+    tok = api.load_tokenizer(str(paths["teacher"]))
+    teacher = api.from_pretrained(paths["teacher"])
+    result = api.acceptance_rate(teacher, teacher, str(paths["pairs"]), tok, max_length=48, max_prompt_length=24)
+    np.testing.assert_allclose([result.rate, result.greedy_rate], [1.0, 1.0], rtol=1e-6)

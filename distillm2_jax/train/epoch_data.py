@@ -85,7 +85,7 @@ class EpochData:
                                       seed=self.cfg.seed + 7919 * (epoch + 1), what=f"epoch {epoch + 1} student")
         if distributed.is_main_process():
             stats = build_pairs(teacher_file, student_file, pairs_path)
-            self.log(f"epoch {epoch + 1}: {stats}")
+            self.log(f"epoch {epoch + 1}: {stats.summary()}")
         _barrier(f"pairs_epoch{epoch + 1}")
         return read_pairs(pairs_path)
 

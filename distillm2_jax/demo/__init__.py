@@ -1,0 +1,1 @@
+"""The embedded default: a procedural task, its tokenizer, a packaged teacher and `distillm2 demo`."""

@@ -50,7 +50,7 @@ def main() -> None:
     models.save_pretrained(model, out, tokenizer=tokenizer, dtype=jnp.bfloat16)
     (out / "training.json").write_text(json.dumps({
         "command": "python experiments/train_demo_teacher.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "init") or v),
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out" and v is not None),
         "init": args.init, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "examples": args.examples,
         "seed": args.seed, "train_seconds": round(train_s), "final_loss": history[-1],
         "heldout_exact_match": acc["exact_match"], "heldout_per_skill": acc["per_skill"]}, indent=2) + "\n")

@@ -192,8 +192,9 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None, *, overwrite
     s = settings or DemoSettings()
     out = prepare_output(Path(out), overwrite=overwrite)
     if not assets.has_packaged_teacher():
-        raise FileNotFoundError(f"the packaged teacher is missing from {assets.TEACHER_DIR}; "
-                                "run experiments/train_demo_teacher.py")
+        from distillm2_jax.errors import UserError
+        raise UserError(f"the packaged teacher is missing from {assets.TEACHER_DIR} (an install without "
+                        "package data?); reinstall, or rebuild it with experiments/train_demo_teacher.py")
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
 

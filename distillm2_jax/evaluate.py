@@ -133,16 +133,30 @@ class AcceptanceResult:
         return (1.0 - a ** (draft_length + 1)) / (1.0 - a)
 
 
-@functools.partial(jax.jit, static_argnames=("dcfg", "tcfg"))
-def _acceptance_sums(dparams, dcfg, tparams, tcfg, input_ids, attention_mask, labels):
-    lq = jax.nn.log_softmax(decoder.logits_from_hidden(dparams, dcfg, decoder.forward(
-        dparams, dcfg, input_ids, attention_mask)[0][:, :-1]), axis=-1)
-    lp = jax.nn.log_softmax(decoder.logits_from_hidden(tparams, tcfg, decoder.forward(
-        tparams, tcfg, input_ids, attention_mask)[0][:, :-1]), axis=-1)
+@functools.partial(jax.jit, static_argnames=("dcfg", "tcfg", "chunk_size"))
+def _acceptance_sums(dparams, dcfg, tparams, tcfg, input_ids, attention_mask, labels, chunk_size):
+    """Sums over response positions, chunk by chunk along the sequence (never [B, T, V] at once)."""
+    hd = decoder.forward(dparams, dcfg, input_ids, attention_mask)[0][:, :-1]
+    ht = decoder.forward(tparams, tcfg, input_ids, attention_mask)[0][:, :-1]
     mask = labels[:, 1:] != losses.IGNORE_INDEX
-    accept = jnp.sum(jnp.minimum(jnp.exp(lp), jnp.exp(lq)), axis=-1)
-    agree = jnp.argmax(lp, axis=-1) == jnp.argmax(lq, axis=-1)
-    return jnp.sum(accept * mask), jnp.sum(agree * mask), jnp.sum(mask)
+    pad = -hd.shape[1] % chunk_size
+    hd, ht = (jnp.pad(h, ((0, 0), (0, pad), (0, 0))) for h in (hd, ht))
+    mask = jnp.pad(mask, ((0, 0), (0, pad)))
+    n = hd.shape[1] // chunk_size
+
+    def split(x):  # [B, n*c, ...] -> [n, B, c, ...]
+        return jnp.moveaxis(x.reshape(x.shape[0], n, chunk_size, *x.shape[2:]), 1, 0)
+
+    def one(args):
+        hd_c, ht_c, m_c = args
+        lq = jax.nn.log_softmax(decoder.logits_from_hidden(dparams, dcfg, hd_c), axis=-1)
+        lp = jax.nn.log_softmax(decoder.logits_from_hidden(tparams, tcfg, ht_c), axis=-1)
+        accept = jnp.sum(jnp.minimum(jnp.exp(lp), jnp.exp(lq)), axis=-1)
+        agree = jnp.argmax(lp, axis=-1) == jnp.argmax(lq, axis=-1)
+        return jnp.sum(accept * m_c), jnp.sum(agree * m_c), jnp.sum(m_c)
+
+    a, g, c = jax.lax.map(one, (split(hd), split(ht), split(mask)))
+    return jnp.sum(a), jnp.sum(g), jnp.sum(c)
 
 
 def _colocate(*trees):
@@ -156,7 +170,7 @@ def _colocate(*trees):
 
 
 def acceptance_rate(draft, target, pairs, tokenizer, *, batch_size: int = 8, max_length: int = 1024,
-                    max_prompt_length: int = 512) -> AcceptanceResult:
+                    max_prompt_length: int = 512, chunk_size: int = 256) -> AcceptanceResult:
     """Acceptance rate of `draft` proposing tokens for `target` on the `chosen` responses of `pairs`.
 
     Both models must share the tokenizer (their heads are compared over `len(tokenizer)` ids).
@@ -177,6 +191,7 @@ def acceptance_rate(draft, target, pairs, tokenizer, *, batch_size: int = 8, max
         n = len(chunk)
         a, g, c = _acceptance_sums(dparams, dcfg, tparams, tcfg,
                                    jnp.asarray(batch["input_ids"][:n]), jnp.asarray(batch["attention_mask"][:n]),
-                                   jnp.asarray(batch["labels"][:n]))
+                                   jnp.asarray(batch["labels"][:n]),
+                                   chunk_size=min(chunk_size, max(batch["input_ids"].shape[1] - 1, 1)))
         acc, agree, count = acc + float(a), agree + float(g), count + int(c)
     return AcceptanceResult(acc / max(count, 1), agree / max(count, 1), int(count))

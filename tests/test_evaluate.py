@@ -61,6 +61,11 @@ def test_acceptance_rate_matches_a_direct_computation(tmp_path):
     np.testing.assert_allclose(result.rate, accept[valid].mean(), rtol=1e-5)
     np.testing.assert_allclose(result.greedy_rate, agree[valid].mean(), rtol=1e-6)
     assert 0.0 < result.rate < 1.0
+    # chunked along the sequence (5 positions per chunk, the last one padded): the same sums
+    chunked = api.acceptance_rate(api.from_pretrained(paths["student"]), api.from_pretrained(paths["teacher"]),
+                                  pairs, tok, batch_size=2, max_length=48, max_prompt_length=24, chunk_size=5)
+    np.testing.assert_allclose([chunked.rate, chunked.greedy_rate], [result.rate, result.greedy_rate], rtol=1e-6)
+    assert chunked.tokens == result.tokens
     # Expected tokens per target call with k drafted tokens: sum_{i<=k} a^i.
     k = 3
     np.testing.assert_allclose(result.tokens_per_target_call(k), sum(result.rate ** i for i in range(k + 1)))

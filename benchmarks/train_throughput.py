@@ -24,6 +24,8 @@ Each side runs in its own subprocess (peak RSS from `resource.getrusage` is then
 the two are driven one step at a time in alternating rounds (never concurrently): on a shared
 machine a load change then hits both sides alike. Tokens/s = 2B * T / step time, i.e. every
 row token processed (prompt tokens included), median over the timed rounds after warm-up.
+"paired" is the median over rounds of theirs / ours within the same round, which cancels most of
+a load change on a shared host.
 The JAX compile time is excluded from tokens/s and printed on its own.
 
 Before timing, a correctness check runs both sides on tiny models with the SAME weights (the
@@ -257,8 +259,6 @@ def ours_worker(spec: dict) -> None:
     from distillm2_jax.train.optimizer import make_optimizer
     from distillm2_jax.train.step import Batch, StepConfig, StepInputs, TrainState, train_step
 
-    if spec.get("preview_attention"):
-        _patch_blocked_attention(block=128)
     t0 = time.perf_counter()
     mesh = shd.make_mesh((-1, 1, 1))
     if spec.get("load_dir"):
@@ -364,51 +364,6 @@ def ours_worker(spec: dict) -> None:
         return res
 
     serve({"step": run, "profile": profile})
-
-
-def _patch_blocked_attention(block: int) -> None:
-    """PREVIEW ONLY (a proposed change to `models/decoder.py`, not the project's code): replace
-    `decoder.attention` for cache-free forwards by a causal query-blocked version. Query block i
-    (rows [i*blk, (i+1)*blk)) attends only to key slots [0, (i+1)*blk): every later slot is
-    masked by causality anyway, so ~3/8 of the score/softmax/PV work is skipped at 4 blocks; the
-    heads are moved in front of T so both contractions are plain batched matmuls. The project's
-    mask [B, T, S] is still applied (padding, sliding windows), so results are unchanged.
-    """
-    import jax
-    import jax.numpy as jnp
-
-    from distillm2_jax.models import decoder, rope
-
-    original = decoder.attention
-
-    def attention(cfg, p, x, cos, sin, mask, kv, index):
-        B, T, _ = x.shape
-        if kv is not None or T % block or T <= block:
-            return original(cfg, p, x, cos, sin, mask, kv, index)
-        Hq, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q = decoder.linear(x, p, "q").reshape(B, T, Hq, D)
-        k = decoder.linear(x, p, "k").reshape(B, T, Hkv, D)
-        v = decoder.linear(x, p, "v").reshape(B, T, Hkv, D)
-        if cfg.qk_norm:
-            q = decoder.rms_norm(q, p["q_norm"], cfg.rms_norm_eps, False)
-            k = decoder.rms_norm(k, p["k_norm"], cfg.rms_norm_eps, False)
-        q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
-        qh = q.reshape(B, T, Hkv, Hq // Hkv, D).transpose(0, 2, 3, 1, 4)   # [B, K, G, T, D]
-        kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)          # [B, K, S, D]
-        outs = []
-        for i in range(T // block):
-            lo, hi = i * block, (i + 1) * block
-            s = jnp.einsum("bkgtd,bksd->bkgts", qh[:, :, :, lo:hi], kh[:, :, :hi],
-                           preferred_element_type=jnp.float32) * cfg.scale
-            if cfg.attn_softcap:
-                s = jnp.tanh(s / cfg.attn_softcap) * cfg.attn_softcap
-            s = jnp.where(mask[:, None, None, lo:hi, :hi], s, decoder.NEG_INF)
-            probs = jax.nn.softmax(s, axis=-1).astype(x.dtype)
-            outs.append(jnp.einsum("bkgts,bksd->bkgtd", probs, vh[:, :, :hi]))
-        out = jnp.concatenate(outs, axis=3).transpose(0, 3, 1, 2, 4).reshape(B, T, Hq * D)
-        return decoder.linear(out, p, "o"), None
-
-    decoder.attention = attention
 
 
 def serve(handlers: dict) -> None:
@@ -518,9 +473,6 @@ def main() -> int:
                          "are timed in a second phase (default 128,256,512)")
     ap.add_argument("--no-curriculum-on", action="store_true", help="skip the curriculum-on (epoch >= 2) step")
     ap.add_argument("--bf16", action="store_true", help="also time bfloat16 compute on both sides")
-    ap.add_argument("--preview-blocked-attention", action="store_true",
-                    help="also time our step with a causal query-blocked attention patched in (a proposal, "
-                         "not the project's code; see docs/benchmarks/train_throughput.md)")
     ap.add_argument("--profile", action="store_true", help="also print a per-piece time breakdown")
     ap.add_argument("--no-check", action="store_true", help="skip the same-weights loss check")
     ap.add_argument("--tiny", action="store_true", help="tiny models (smoke test)")
@@ -583,9 +535,6 @@ def main() -> int:
     on = [] if args.no_curriculum_on else ["on"]
     phases = []  # (title, rows, reference theirs worker, profile)
     main_specs = [(f"ours chunk {chunks[0]}", dict(dtype="float32", chunk=chunks[0]), ["off"] + on)]
-    if args.preview_blocked_attention:
-        main_specs.append((f"PREVIEW ours chunk {chunks[0]} + blocked attn",
-                           dict(dtype="float32", chunk=chunks[0], preview_attention=True), ["off"] + on))
     rows, prof = phase("float32", main_specs)
     phases.append(("float32: theirs and ours interleaved", rows, rows[0][1], prof))
     if len(chunks) > 1:
@@ -599,7 +548,8 @@ def main() -> int:
 
     print()
     hdr = (f"{'side':<62} {'params student/teacher':>22} {'tok/step':>8} {'compile s':>9} "
-           f"{'step s median (min-max)':>24} {'CPU s/step':>10} {'tok/s':>6} {'ours/theirs':>11} {'peak RSS MB':>11}")
+           f"{'step s median (min-max)':>24} {'CPU s/step':>10} {'tok/s':>6} {'ours/theirs':>11} {'paired':>6} "
+           f"{'peak RSS MB':>11}")
     print(hdr)
     print("-" * len(hdr))
     for title, rows, ref, _ in phases:
@@ -612,8 +562,11 @@ def main() -> int:
             comp = "-" if info["compile_s"] is None else f"{info['compile_s']:.1f}"
             params = f"{info['params_student'] / 1e6:.2f}M/{info['params_teacher'] / 1e6:.2f}M"
             ratio = "1.00x" if w is ref else f"{tps / theirs_tps:.2f}x"
+            # rounds interleave the sides, so round i of each saw the same host load
+            paired = "-" if w is ref or len(ts) != len(ref.times["off"]) else \
+                f"{statistics.median(a / b for a, b in zip(ref.times['off'], ts)):.2f}x"
             print(f"{name:<62} {params:>22} {tokens:>8} {comp:>9} {fmt_t(ts):>24} "
-                  f"{statistics.median(w.cpu[flag]):>10.2f} {tps:>6.0f} {ratio:>11} {rss:>11.0f}")
+                  f"{statistics.median(w.cpu[flag]):>10.2f} {tps:>6.0f} {ratio:>11} {paired:>6} {rss:>11.0f}")
     ours_info = phases[0][1][1][1].info
     print(f"exact parameter counts: student {ours_info['params_student']:,}, teacher {ours_info['params_teacher']:,} "
           f"(ModelConfig.num_params(), without the q/k/v biases: {ours_info['num_params_student']:,} / "

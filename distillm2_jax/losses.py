@@ -227,20 +227,56 @@ def _row_terms(spec: _Spec, lq, lp, labels, alpha, beta, vocab_offset=0) -> dict
     return out
 
 
-def _finalize(spec: _Spec, sums: dict, tokens: jax.Array, beta) -> tuple[jax.Array, dict]:
-    """Per-row sums {key: [N]} + token counts [N] -> (scalar loss, metrics)."""
+# Metrics that are sums over rows divided by a batch-wide count: with `denominators` spanning
+# several micro-batches they add up across them (every other metric is a per-micro-batch mean).
+ADDITIVE_METRICS = frozenset({"loss", "skl", "srkl", "srkl_tgo", "srkl_sgo", "fkl", "rkl", "jsd",
+                              "jsd_tgo", "jsd_sgo", "nll", "dpkd_margin", "dpkd_accuracy"})
+
+
+def loss_denominators(labels: jax.Array, num_pairs: int, reduction: str = "sequence") -> dict:
+    """The counts a loss divides by, over every leading axis of labels [..., 2B, T] (unshifted).
+
+    {"tgo", "sgo", "all"}: response tokens (reduction "token") or sequences with at least one
+    response token ("sequence") of rows [0:B], [B:2B] and both; "pairs": pairs whose two
+    responses are both non-empty (dpkd). Pass them as ``denominators`` to every micro-batch of
+    an accumulated step and sum the losses: the result is the loss of the whole batch, not a
+    mean of per-micro-batch means that weights a short micro-batch's tokens more.
+    """
+    if reduction not in ("sequence", "token"):
+        raise ValueError(f"reduction={reduction!r}: choose 'sequence' or 'token'")
+    lab = _shifted_labels(labels.reshape(-1, labels.shape[-1]))
+    tok = jnp.sum(lab != IGNORE_INDEX, axis=-1).reshape(*labels.shape[:-2], 2, num_pairs)
+    per_row = tok.astype(_f32) if reduction == "token" else (tok > 0).astype(_f32)
+    tgo, sgo = jnp.sum(per_row[..., 0, :]), jnp.sum(per_row[..., 1, :])
+    pairs = jnp.sum(((tok[..., 0, :] > 0) & (tok[..., 1, :] > 0)).astype(_f32))
+    return {"tgo": tgo, "sgo": sgo, "all": tgo + sgo, "pairs": pairs}
+
+
+def _finalize(spec: _Spec, sums: dict, tokens: jax.Array, beta,
+              denominators: dict | None = None) -> tuple[jax.Array, dict]:
+    """Per-row sums {key: [N]} + token counts [N] -> (scalar loss, metrics).
+
+    denominators: batch-wide counts from `loss_denominators` (else this batch's own counts).
+    """
     b = spec.num_pairs
     beta = spec.beta_static if spec.beta_static is not None else beta
     tok = tokens.astype(_f32)
     valid = tokens > 0
     denom = jnp.maximum(tok, 1.0)
     t, s, both = slice(0, b), slice(b, 2 * b), slice(0, 2 * b)
+    groups = {(0, b): "tgo", (b, 2 * b): "sgo", (0, 2 * b): "all"}
+
+    def count(rows):
+        if denominators is not None:
+            return jnp.maximum(jnp.asarray(denominators[groups[(rows.start, rows.stop)]], _f32), 1.0)
+        if spec.reduction == "token":
+            return jnp.maximum(jnp.sum(tok[rows]), 1.0)
+        return jnp.maximum(jnp.sum(valid[rows]), 1).astype(_f32)
 
     def reduce(x, rows):
         if spec.reduction == "token":
-            return jnp.sum(x) / jnp.maximum(jnp.sum(tok[rows]), 1.0)
-        v = valid[rows]
-        return jnp.sum(jnp.where(v, x / denom[rows], 0.0)) / jnp.maximum(jnp.sum(v), 1)
+            return jnp.sum(x) / count(rows)
+        return jnp.sum(jnp.where(valid[rows], x / denom[rows], 0.0)) / count(rows)
 
     def seq_mean(x, rows):  # mean of a per-sequence quantity over valid sequences
         v = valid[rows]
@@ -295,7 +331,8 @@ def _finalize(spec: _Spec, sums: dict, tokens: jax.Array, beta) -> tuple[jax.Arr
         lp = _sg(sums["lp_label"]) / denom
         z = beta * ((lq[t] - lq[s]) - (lp[t] - lp[s]))
         vp = valid[t] & valid[s]
-        npairs = jnp.maximum(jnp.sum(vp), 1)
+        npairs = jnp.maximum(jnp.sum(vp) if denominators is None
+                             else jnp.asarray(denominators["pairs"], _f32), 1)
         loss = jnp.sum(jnp.where(vp, -jax.nn.log_sigmoid(z), 0.0)) / npairs
         parts = {"dpkd_margin": _sg(jnp.sum(jnp.where(vp, z, 0.0)) / npairs),
                  "dpkd_accuracy": jnp.sum(vp & (z > 0)) / npairs}
@@ -325,7 +362,8 @@ def _check_labels(labels, rows, length, num_pairs, what):
 def objective(name: str, student_logits: jax.Array, teacher_logits: jax.Array | None,
               labels: jax.Array, *, num_pairs: int, alpha=0.1, beta=None,
               skew_stopgrad: bool = True, reduction: str = "sequence",
-              normalization: str = "paper") -> tuple[jax.Array, dict]:
+              normalization: str = "paper", denominators: dict | None = None
+              ) -> tuple[jax.Array, dict]:
     """One objective on a paired batch of full logits.
 
     Args:
@@ -338,6 +376,8 @@ def objective(name: str, student_logits: jax.Array, teacher_logits: jax.Array | 
       skew_stopgrad: student inside the SRKL mixture is stop-gradient (authors' code).
       reduction: "sequence" (mean over sequences of per-sequence token means) or "token".
       normalization: "paper" ((1-b) SKL + b SRKL) or "authors_code" ((2-2b) SKL + 2b SRKL).
+      denominators: batch-wide counts (``loss_denominators``) when this batch is one
+        micro-batch of several; the micro-batch losses then add up to the whole batch's loss.
 
     Returns:
       (loss scalar, metrics dict); see docs/losses.md for the metric keys.
@@ -362,7 +402,7 @@ def objective(name: str, student_logits: jax.Array, teacher_logits: jax.Array | 
     lq = log_softmax(student_logits[:, :-1])
     lp = None if teacher_logits is None else _sg(log_softmax(teacher_logits[:, :-1]))
     sums = _row_terms(spec, lq, lp, lab, alpha, beta)
-    return _finalize(spec, sums, jnp.sum(lab != IGNORE_INDEX, axis=1), beta)
+    return _finalize(spec, sums, jnp.sum(lab != IGNORE_INDEX, axis=1), beta, denominators)
 
 
 def sequence_logprobs(student_logits: jax.Array, teacher_logits: jax.Array,
@@ -430,11 +470,17 @@ def _scan_sums(cs: _ChunkSpec, hs, ws, ht, wt, lab, alpha, beta, remat: bool):
 
     def body(carry, xs):
         h_c, th_c, lab_c = xs
-        terms = chunk_terms(h_c, ws, th_c, wt, lab_c)
+        terms = jax.lax.cond(_has_labels(lab_c), chunk_terms, lambda *_: _zeros_sums(cs.obj),
+                             h_c, ws, th_c, wt, lab_c)
         return jax.tree.map(jnp.add, carry, terms), None
 
     sums, _ = jax.lax.scan(body, _zeros_sums(cs.obj), (hs, ht, lab))
     return sums
+
+
+def _has_labels(lab_c) -> jax.Array:
+    """Whether a chunk holds any labelled position (label-free chunks skip their head matmuls)."""
+    return jnp.any(lab_c != IGNORE_INDEX)
 
 
 def _scan_grads(cs: _ChunkSpec, hs, ws, ht, wt, lab, alpha, beta, weights):
@@ -445,9 +491,8 @@ def _scan_grads(cs: _ChunkSpec, hs, ws, ht, wt, lab, alpha, beta, weights):
     """
     mm_dtype = jnp.result_type(hs.dtype, ws.dtype)
 
-    def body(carry, xs):
+    def chunk(carry, h_c, th_c, lab_c):
         sums, dw = carry
-        h_c, th_c, lab_c = xs
         zc = _head_logits(h_c, ws, cs.student_softcap)
         zt = None if th_c is None else _sg(_head_logits(th_c, wt, cs.teacher_softcap))
         terms, dz = _terms_and_logit_grad(cs.obj, zc, zt, lab_c, alpha, beta, weights,
@@ -459,6 +504,13 @@ def _scan_grads(cs: _ChunkSpec, hs, ws, ht, wt, lab, alpha, beta, weights):
         if cs.need_dw:
             dw = _accumulate_dw(dw, h_c, dz)
         return (jax.tree.map(jnp.add, sums, terms), dw), dh_c
+
+    def skip(carry, h_c, th_c, lab_c):
+        return carry, (jnp.zeros(h_c.shape, _f32) if cs.need_dh else None)
+
+    def body(carry, xs):
+        h_c, th_c, lab_c = xs
+        return jax.lax.cond(_has_labels(lab_c), chunk, skip, carry, h_c, th_c, lab_c)
 
     dw0 = jnp.zeros(ws.shape, _f32) if cs.need_dw else None
     (sums, dw), dh = jax.lax.scan(body, (_zeros_sums(cs.obj), dw0), (hs, ht, lab))
@@ -543,21 +595,22 @@ def _accumulate_dw(dw, h_c, dz, n_tiles: int = _VOCAB_TILES):
     return dw
 
 
-def _fused_primal(cs: _ChunkSpec, hs, ws, ht, wt, lab, tokens, alpha, beta):
+def _fused_primal(cs: _ChunkSpec, hs, ws, ht, wt, lab, tokens, alpha, beta, denoms):
     sums = _scan_sums(cs, hs, ws, ht, wt, lab, alpha, beta, remat=False)
-    return _finalize(cs.obj, sums, tokens, beta)
+    return _finalize(cs.obj, sums, tokens, beta, denoms)
 
 
 _fused = jax.custom_vjp(_fused_primal, nondiff_argnums=(0,))
 
 
-def _fused_fwd(cs: _ChunkSpec, hs, ws, ht, wt, lab, tokens, alpha, beta):
+def _fused_fwd(cs: _ChunkSpec, hs, ws, ht, wt, lab, tokens, alpha, beta, denoms):
     # symbolic_zeros=True: every leaf arrives as CustomVJPPrimal(value, perturbed).
     val = lambda x: jax.tree.map(lambda p: p.value, x)  # noqa: E731
     need_dh, need_dw = hs.perturbed, ws.perturbed
-    hs, ws, ht, wt, lab, tokens, alpha, beta = map(val, (hs, ws, ht, wt, lab, tokens, alpha, beta))
+    hs, ws, ht, wt, lab, tokens, alpha, beta, denoms = map(
+        val, (hs, ws, ht, wt, lab, tokens, alpha, beta, denoms))
     cs = cs._replace(need_dh=need_dh, need_dw=need_dw)
-    loss_of = lambda s: _finalize(cs.obj, s, tokens, beta)[0]  # noqa: E731
+    loss_of = lambda s: _finalize(cs.obj, s, tokens, beta, denoms)[0]  # noqa: E731
     if cs.obj.name in _NONLINEAR:
         sums = _scan_sums(cs, hs, ws, ht, wt, lab, alpha, beta, remat=False)
         weights = jax.grad(loss_of)(sums)
@@ -569,7 +622,7 @@ def _fused_fwd(cs: _ChunkSpec, hs, ws, ht, wt, lab, tokens, alpha, beta):
         # The loss is linear in the per-row sums: d loss / d sums depends on token counts only.
         weights = jax.grad(loss_of)(_zeros_sums(cs.obj))
         sums, dh, dw = _scan_grads(cs, hs, ws, ht, wt, lab, alpha, beta, weights)
-    out = _finalize(cs.obj, sums, tokens, beta)
+    out = _finalize(cs.obj, sums, tokens, beta, denoms)
     return out, (dh, dw)
 
 
@@ -580,9 +633,9 @@ def _fused_bwd(cs: _ChunkSpec, res, g):
         g_loss = jnp.zeros((), _f32)
     ddh = None if dh is None else (g_loss * dh).astype(cs.dh_dtype)
     ddw = None if dw is None else (g_loss * dw).astype(cs.dw_dtype)
-    # Cotangents for (hs, ws, ht, wt, lab, tokens, alpha, beta): teacher, alpha, beta are
-    # stop-gradient by definition; labels and counts are integers.
-    return (ddh, ddw, None, None, None, None, None, None)
+    # Cotangents for (hs, ws, ht, wt, lab, tokens, alpha, beta, denoms): teacher, alpha, beta
+    # are stop-gradient by definition; labels and counts are integers.
+    return (ddh, ddw, None, None, None, None, None, None, None)
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd, symbolic_zeros=True)
@@ -594,7 +647,8 @@ def chunked_objective(name: str, student_hidden: jax.Array, student_head: jax.Ar
                       student_softcap: float | None = None, teacher_softcap: float | None = None,
                       alpha=0.1, beta=None, skew_stopgrad: bool = True,
                       reduction: str = "sequence", normalization: str = "paper",
-                      grad_mode: str = "fused") -> tuple[jax.Array, dict]:
+                      grad_mode: str = "fused", denominators: dict | None = None
+                      ) -> tuple[jax.Array, dict]:
     """``objective`` computed from final hidden states and output heads, chunk by chunk.
 
     Never holds [2B, T, V] arrays, forward or backward: it walks the sequence in ``chunk_size``
@@ -616,6 +670,8 @@ def chunked_objective(name: str, student_hidden: jax.Array, student_head: jax.Ar
         the student inputs is supported; metrics carry no gradient. "remat" is plain autodiff
         of a scan with ``jax.checkpoint`` per chunk (any transform works; recomputes the
         forward head matmuls in the backward pass).
+      denominators: batch-wide counts from ``loss_denominators`` when this call is one
+        micro-batch of several (the micro-batch losses then add up to the batch's loss).
       Other options: as in ``objective``.
 
     Returns:
@@ -656,19 +712,31 @@ def chunked_objective(name: str, student_hidden: jax.Array, student_head: jax.Ar
     n_chunks = math.ceil(t / chunk)
     lab = _shifted_labels(labels)
     tokens = jnp.sum(lab != IGNORE_INDEX, axis=1)
-    lab_c = _to_chunks(lab, chunk, n_chunks, IGNORE_INDEX)
-    # _to_chunks is linear: autodiff maps the chunked cotangent back to [2B, T, H].
-    hs = _to_chunks(student_hidden, chunk, n_chunks, 0)
+    # Start the chunk grid at the first labelled position of the batch (positions before it are
+    # prompt in every row; rolled to the end, they and trailing padding fill label-free chunks,
+    # which skip their head matmuls).
+    start = _first_label(lab)
+    align = lambda x: jnp.roll(x, -start, axis=1)  # noqa: E731
+    lab_c = _to_chunks(align(lab), chunk, n_chunks, IGNORE_INDEX)
+    # roll and _to_chunks are linear: autodiff maps the chunked cotangent back to [2B, T, H].
+    hs = _to_chunks(align(student_hidden), chunk, n_chunks, 0)
     ht = wt = None
     if has_teacher:
-        ht = _to_chunks(_sg(teacher_hidden), chunk, n_chunks, 0)
+        ht = _to_chunks(align(_sg(teacher_hidden)), chunk, n_chunks, 0)
         wt = _sg(teacher_head)
     if grad_mode == "remat":
         sums = _scan_sums(cs, hs, student_head, ht, wt, lab_c, alpha, beta_arr, remat=True)
-        return _finalize(spec, sums, tokens, beta_arr)
+        return _finalize(spec, sums, tokens, beta_arr, denominators)
     cs = cs._replace(dh_dtype=jnp.dtype(hs.dtype).name,
                      dw_dtype=jnp.dtype(student_head.dtype).name)
-    return _fused(cs, hs, student_head, ht, wt, lab_c, tokens, alpha, beta_arr)
+    return _fused(cs, hs, student_head, ht, wt, lab_c, tokens, alpha, beta_arr, denominators)
+
+
+def _first_label(lab: jax.Array) -> jax.Array:
+    """The first position holding a label in any row (0 when there is none)."""
+    has = lab != IGNORE_INDEX
+    first = jnp.where(jnp.any(has, axis=1), jnp.argmax(has, axis=1), lab.shape[1])
+    return jnp.where(jnp.any(has), jnp.min(first), 0).astype(jnp.int32)
 
 
 def chunked_sequence_logprobs(student_hidden: jax.Array, student_head: jax.Array,

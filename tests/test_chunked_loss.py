@@ -203,3 +203,37 @@ def test_chunked_errors():
         losses.chunked_objective("kd", hs, ws.T, ht, wt, lab, num_pairs=B)
     with pytest.raises(ValueError, match="both be given"):
         losses.chunked_objective("sft", hs, ws, ht, None, lab, num_pairs=B)
+
+
+@pytest.mark.parametrize("name,mode", [("distillm2", "fused"), ("dpkd", "fused"), ("kd", "remat")])
+def test_chunks_start_at_the_first_label_and_label_free_chunks_are_skipped(name, mode):
+    """Prompts 20-23 long and responses ending by position 43 of T = 64: the chunk grid starts at
+    the batch's first label, so positions before it and after the last label fill whole
+    label-free chunks. NaN hidden states there change nothing - those chunks never run."""
+    t, first, last, chunk = 64, 20, 44, 8
+    rng = np.random.default_rng(3)
+    f = lambda *s: rng.normal(size=s).astype(np.float32)  # noqa: E731
+    hs, ws, ht, wt = f(2 * B, t, H), f(H, V), f(2 * B, t, HT), f(HT, V)
+    lab = np.full((2 * B, t), -100)
+    for row, (p, end) in enumerate([(first, last), (first + 3, last - 4), (first + 1, last), (first, 37)]):
+        lab[row, p:end] = rng.integers(0, V, size=end - p)
+    alpha = jnp.asarray(rng.uniform(0.01, 0.2, size=2 * B), jnp.float32)
+    lab = jnp.asarray(lab)
+    # shifted labels live at positions [first - 1, last - 1); everything else is label-free
+    outside = np.ones(t, bool)
+    outside[first - 1:last - 1] = False
+    nan_hs, nan_ht = hs.copy(), ht.copy()
+    nan_hs[:, outside] = np.nan
+    nan_ht[:, outside] = np.nan
+
+    def grads(fn, a, b, c):
+        return jax.value_and_grad(lambda a, b: fn(name, a, b, jnp.asarray(c), wt, lab, alpha, None,
+                                                  "sequence")[0], argnums=(0, 1))(a, b)
+
+    ref_val, (ref_dh, ref_dw) = grads(_unchunked, jnp.asarray(hs), jnp.asarray(ws), ht)
+    chunked = lambda *a: _chunked(*a, chunk=chunk, mode=mode)  # noqa: E731
+    val, (dh, dw) = grads(chunked, jnp.asarray(nan_hs), jnp.asarray(ws), nan_ht)
+    _close(val, ref_val, "loss")
+    _close(dw, ref_dw, "head grad")
+    assert np.all(np.asarray(dh)[:, outside] == 0)
+    _close(np.asarray(dh)[:, ~outside], np.asarray(ref_dh)[:, ~outside], "hidden grad")

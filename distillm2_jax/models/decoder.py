@@ -146,6 +146,8 @@ def linear(x: jax.Array, p: Params, name: str) -> jax.Array:
     LoRA dropout (inverted) applies to the LoRA branch's input when p holds a per-layer
     `lora_dropout_key` and `lora_dropout_rate` (added for training steps only).
     """
+    lead = x.shape[:-1]
+    x = x.reshape(-1, x.shape[-1])  # 2-D matmuls: XLA:CPU is slower on 3-D weight gradients
     y = x @ p[name].astype(x.dtype)
     if f"{name}_lora_a" in p:
         xl = x
@@ -158,7 +160,7 @@ def linear(x: jax.Array, p: Params, name: str) -> jax.Array:
         y = y + (low @ p[f"{name}_lora_b"].astype(x.dtype)) * p[f"{name}_lora_scale"].astype(x.dtype)
     if f"{name}_bias" in p:
         y = y + p[f"{name}_bias"].astype(x.dtype)
-    return y
+    return y.reshape(*lead, y.shape[-1])
 
 
 def _activation(cfg: ModelConfig, x: jax.Array) -> jax.Array:
@@ -167,12 +169,42 @@ def _activation(cfg: ModelConfig, x: jax.Array) -> jax.Array:
     return jax.nn.silu(x)
 
 
+# Cache-free (training) attention splits the queries into at most this many causal blocks.
+MAX_QUERY_BLOCKS = 8
+MIN_QUERY_BLOCK = 64
+
+
+def causal_query_blocks(length: int) -> list[tuple[int, int]]:
+    """Static [lo, hi) query blocks of a cache-free forward of `length` tokens.
+
+    Query block [lo, hi) only needs key slots [0, hi) (later slots are masked by causality),
+    so n blocks do (n + 1) / 2n of the score/softmax/PV work of one [T, T] block (9/16 at
+    n = 8), in smaller score tiles (`benchmarks/decoder_layout.py` times it against the square).
+    """
+    n = max(1, min(MAX_QUERY_BLOCKS, length // MIN_QUERY_BLOCK))
+    size = -(-length // n)
+    return [(lo, min(length, lo + size)) for lo in range(0, length, size)]
+
+
+def _softmax_attention(cfg: ModelConfig, q, k, v, mask, dtype):
+    """Heads-first attention: q [B, Hkv, G, T, D], k/v [B, Hkv, S, D], mask [B, T, S]."""
+    scores = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) * cfg.scale
+    if cfg.attn_softcap:
+        scores = jnp.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
+    scores = jnp.where(mask[:, None, None], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    return jnp.einsum("bkgts,bksd->bkgtd", probs, v)
+
+
 def attention(cfg: ModelConfig, p: Params, x: jax.Array, cos, sin, mask: jax.Array,
               kv: tuple[jax.Array, jax.Array] | None, index: jax.Array | None):
     """Grouped-query attention of x [B, T, H] over T new tokens (and the cached slots).
 
     mask [B, T, S] is True where query t may attend key slot s. Returns the output and the
-    updated (k, v) cache of this layer (or None).
+    updated (k, v) cache of this layer (or None). Without a cache the queries run in causal
+    blocks (`causal_query_blocks`); a query row with no visible key (left padding) then
+    averages the values of its block's key range instead of all slots - such rows are
+    padding, and no real token attends to them.
     """
     B, T, _ = x.shape
     Hq, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -189,13 +221,16 @@ def attention(cfg: ModelConfig, p: Params, x: jax.Array, cos, sin, mask: jax.Arr
         cache_v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
         new_kv = (cache_k, cache_v)
         k, v = cache_k.astype(x.dtype), cache_v.astype(x.dtype)
-    q = q.reshape(B, T, Hkv, Hq // Hkv, D)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * cfg.scale
-    if cfg.attn_softcap:
-        scores = jnp.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
-    scores = jnp.where(mask[:, None, None], scores, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, Hq * D)
+    qh = q.reshape(B, T, Hkv, Hq // Hkv, D).transpose(0, 2, 3, 1, 4)    # [B, Hkv, G, T, D]
+    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)           # [B, Hkv, S, D]
+    if kv is not None:
+        out = _softmax_attention(cfg, qh, kh, vh, mask, x.dtype)
+    else:
+        out = jnp.concatenate(
+            [_softmax_attention(cfg, qh[:, :, :, lo:hi], kh[:, :, :hi], vh[:, :, :hi],
+                                mask[:, lo:hi, :hi], x.dtype)
+             for lo, hi in causal_query_blocks(T)], axis=3)
+    out = out.transpose(0, 3, 1, 2, 4).reshape(B, T, Hq * D)
     return linear(out, p, "o"), new_kv
 
 

@@ -86,8 +86,12 @@ def _with_lora_dropout(params: Params, cfg: StepConfig, key: jax.Array) -> Param
 
 
 def micro_loss(trainable: Params, frozen: Params, teacher: Params | None, cfg: StepConfig,
-               input_ids, attention_mask, labels, inputs: StepInputs):
-    """Loss and metrics of one micro-batch [2B, T]."""
+               input_ids, attention_mask, labels, inputs: StepInputs, denominators: dict | None = None):
+    """Loss and metrics of one micro-batch [2B, T].
+
+    denominators: the whole step's counts (`losses.loss_denominators`), so that the micro-batch
+    losses add up to the loss of the whole batch.
+    """
     student = _with_lora_dropout(combine(trainable, frozen), cfg, inputs.key)
     dtype = cfg.compute_dtype
     hs, _ = decoder.forward(student, cfg.student, input_ids, attention_mask,
@@ -113,7 +117,7 @@ def micro_loss(trainable: Params, frozen: Params, teacher: Params | None, cfg: S
     loss, metrics = losses.chunked_objective(
         cfg.objective, hs, ws, ht, wt, labels, num_pairs=num_pairs, chunk_size=cfg.chunk_size,
         alpha=alpha, beta=inputs.beta, skew_stopgrad=cfg.skew_stopgrad, reduction=cfg.reduction,
-        normalization=cfg.normalization, **softcaps)
+        normalization=cfg.normalization, denominators=denominators, **softcaps)
     metrics = {**metrics, "alpha_mean": jnp.mean(alpha), "alpha_min": jnp.min(alpha), "alpha_max": jnp.max(alpha),
                "tokens": jnp.sum(labels != losses.IGNORE_INDEX)}
     return loss, metrics
@@ -130,16 +134,23 @@ def _scalar_metrics(metrics: dict) -> dict:
 
 def train_step(state: TrainState, frozen: Params, teacher: Params | None, batch: Batch,
                inputs: StepInputs, *, cfg: StepConfig, tx: optax.GradientTransformation):
-    """One optimizer step over A micro-batches; returns (new state, scalar metrics)."""
+    """One optimizer step over A micro-batches; returns (new state, scalar metrics).
+
+    Every micro-batch divides by the counts of the whole batch, so the summed gradients are
+    those of the batch's loss, however its tokens and empty rows fall across micro-batches.
+    Loss metrics (`losses.ADDITIVE_METRICS`) add up; the others are means over micro-batches.
+    """
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
     num_micro = batch.input_ids.shape[0]
+    denominators = losses.loss_denominators(batch.labels, batch.labels.shape[1] // 2, cfg.reduction)
 
     def accumulate(carry, micro):
         grads_sum, metrics_sum = carry
         ids, mask, labels, i = micro
         step_inputs = inputs._replace(key=jax.random.key_data(
             jax.random.fold_in(jax.random.wrap_key_data(inputs.key), i)))
-        (loss, metrics), grads = grad_fn(state.trainable, frozen, teacher, cfg, ids, mask, labels, step_inputs)
+        (loss, metrics), grads = grad_fn(state.trainable, frozen, teacher, cfg, ids, mask, labels, step_inputs,
+                                         denominators)
         metrics = {**_scalar_metrics(metrics), "loss": loss}
         grads_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_sum, grads)
         metrics_sum = {k: _REDUCE.get(k, jnp.add)(metrics_sum[k], v) for k, v in metrics.items()}
@@ -154,8 +165,9 @@ def train_step(state: TrainState, frozen: Params, teacher: Params | None, batch:
     (grads, metrics), _ = jax.lax.scan(
         accumulate, (zeros, metric_zeros),
         (batch.input_ids, batch.attention_mask, batch.labels, jnp.arange(num_micro)))
-    grads = jax.tree.map(lambda g, p: (g / num_micro).astype(p.dtype), grads, state.trainable)
-    metrics = {k: v if k in _REDUCE or k == "tokens" else v / num_micro for k, v in metrics.items()}
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.trainable)
+    summed = _REDUCE.keys() | losses.ADDITIVE_METRICS | {"tokens"}
+    metrics = {k: v if k in summed else v / num_micro for k, v in metrics.items()}
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
     metrics["grad_norm"] = optax.global_norm(grads)

@@ -34,6 +34,39 @@ def test_kv_cache_decoding_equals_full_forward(model):
     assert int(cache.index) == ids.shape[1]
 
 
+@pytest.mark.parametrize("length", [1, 63, 64, 200, 512, 1000])
+def test_causal_query_blocks_tile_the_sequence(length):
+    blocks = decoder.causal_query_blocks(length)
+    assert blocks[0][0] == 0 and blocks[-1][1] == length
+    assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:])), blocks
+    assert 1 <= len(blocks) <= decoder.MAX_QUERY_BLOCKS
+    assert len(blocks) == 1 or min(hi - lo for lo, hi in blocks) >= decoder.MIN_QUERY_BLOCK // 2
+
+
+def test_query_blocks_equal_one_block_in_values_and_gradients(model, monkeypatch):
+    """Blocked causal attention = the full [T, T] square at every real position, and in grads."""
+    cfg, params = model.config, model.params()
+    ids, mask = padded_batch(seed=6, lengths=(150, 97), total=160, left=False)
+    weight = jnp.asarray(mask, jnp.float32)[..., None]
+
+    def run():
+        def loss(p):
+            h, _ = decoder.forward(p, cfg, ids, mask)
+            return jnp.sum(models.logits_from_hidden(p, cfg, h) ** 2 * weight), h
+        (val, h), grad = jax.value_and_grad(loss, has_aux=True)(params)
+        return val, np.asarray(h)[mask.astype(bool)], grad
+
+    assert len(decoder.causal_query_blocks(160)) == 2
+    blocked = run()
+    monkeypatch.setattr(decoder, "MAX_QUERY_BLOCKS", 1)
+    assert len(decoder.causal_query_blocks(160)) == 1
+    square = run()
+    np.testing.assert_allclose(blocked[0], square[0], rtol=1e-5)
+    np.testing.assert_allclose(blocked[1], square[1], atol=1e-5, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(blocked[2]), jax.tree.leaves(square[2])):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * float(np.abs(b).max()))
+
+
 def test_remat_keeps_values_and_gradients():
     model = models.from_config(hf_config("gemma2", initializer_range=0.2), seed=0)
     cfg, params = model.config, model.params()

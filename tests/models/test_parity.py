@@ -31,6 +31,19 @@ def test_import_matches_torch(family_dir, left):
     assert _max_err(model(ids, attention_mask=mask), ref, mask) <= TOL
 
 
+@pytest.mark.parametrize("left", [True, False], ids=["left_pad", "right_pad"])
+def test_long_rows_in_causal_query_blocks_match_torch(family_dir, left):
+    """T = 200 runs the training attention in 3 causal query blocks (windows, soft-caps, padding)."""
+    from distillm2_jax.models import decoder
+
+    family, d, torch_model = family_dir
+    assert len(decoder.causal_query_blocks(200)) == 3
+    model = models.from_pretrained(d, dtype=jnp.float32)
+    ids, mask = padded_batch(seed=4, lengths=(190, 131), total=200, left=left)
+    ref = torch_logits(torch_model, ids, mask)
+    assert _max_err(model(ids, attention_mask=mask), ref, mask) <= TOL
+
+
 def test_export_reloads_in_transformers(family_dir, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM

@@ -42,15 +42,20 @@ def nll(model, pairs, tokenizer, *, batch_size: int = 8, max_length: int = 1024,
     """NLL of the `chosen` (teacher) responses of `pairs` (a list or a pair-file spec) under `model`."""
     if isinstance(pairs, (str, bytes)) or hasattr(pairs, "__fspath__"):
         pairs = read_pairs(pairs)
+    from distillm2_jax.data.chat import pad_token_id
+
     params, cfg = model.params(), model.config
     total, count = 0.0, 0
     for start in range(0, len(pairs), batch_size):
         chunk = list(pairs[start:start + batch_size])
         batch = make_batch(chunk, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length)
-        labels = np.array(batch["labels"])
-        labels[len(chunk):] = losses.IGNORE_INDEX  # rows [B:2B] are the rejected responses
-        s, n = _token_nll_sums(params, cfg, jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]),
-                               jnp.asarray(labels), chunk_size=min(chunk_size, labels.shape[1]))
+        # Only the chosen rows [0:B]; the objective wants an even row count, so an odd B gets
+        # one padding row (no tokens, no labels).
+        rows = len(chunk) + len(chunk) % 2
+        ids, mask, labels = (np.asarray(batch[k][:rows]).copy() for k in ("input_ids", "attention_mask", "labels"))
+        ids[len(chunk):], mask[len(chunk):], labels[len(chunk):] = pad_token_id(tokenizer), 0, losses.IGNORE_INDEX
+        s, n = _token_nll_sums(params, cfg, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(labels),
+                               chunk_size=min(chunk_size, labels.shape[1]))
         total += float(s)
         count += int(n)
     mean = total / max(count, 1)

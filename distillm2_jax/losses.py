@@ -654,7 +654,8 @@ def chunked_objective(name: str, student_hidden: jax.Array, student_head: jax.Ar
     Never holds [2B, T, V] arrays, forward or backward: it walks the sequence in ``chunk_size``
     positions with ``lax.scan``, computing float32 logits ``h @ W`` (soft-capped if a cap is given)
     per chunk and accumulating per-sequence sums; reductions happen at the end, so the result
-    equals ``objective(name, softcap(hs @ Ws), softcap(ht @ Wt), labels, ...)``.
+    equals ``objective(name, softcap(hs @ Ws), softcap(ht @ Wt), labels, ...)``. The chunk grid
+    starts at the batch's first label, and chunks with no label skip their head matmuls.
 
     Args:
       student_hidden: [2B, T, H]; student_head: [H, V] (e.g. the embedding transposed if tied).

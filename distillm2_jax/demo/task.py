@@ -15,13 +15,13 @@ hash) never appear in a training split.
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 import re
 import zlib
 from pathlib import Path
 
 from distillm2_jax import answers
+from distillm2_jax.data import generations
 
 SKILLS = ("reverse", "sort", "add")
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -124,12 +124,8 @@ def make_examples(n: int, *, seed: int = 0, split: str = "distill", distinct: bo
 
 def write_jsonl(path, examples: list[Example], *, with_answers: bool = True) -> Path:
     """Examples as JSONL; `with_answers=False` writes prompts only (for generation)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for e in examples:
-            f.write(json.dumps(e.record() if with_answers else {"prompt": e.prompt}) + "\n")
-    return path
+    generations.write_jsonl(str(path), (e.record() if with_answers else {"prompt": e.prompt} for e in examples))
+    return Path(path)
 
 
 def extract(prompt: str, response: str) -> str | None:

@@ -74,9 +74,16 @@ def _messages(prompt) -> list:
 
 def respond(model, prompts, tokenizer, *, max_new_tokens: int = 256, temperature: float = 0.0,
             batch_size: int = 32, max_prompt_length: int = 512, seed: int = 0) -> list[str]:
-    """One response per prompt (a string or a messages list), greedy by default, decoded text."""
+    """One response per prompt (a string or a messages list), greedy by default, decoded text.
+
+    The model's logits are sliced to the tokenizer's vocabulary first (`models.align_vocab`), so
+    padding rows of a larger head (Qwen2.5-7B: 152064 rows) are never sampled.
+    """
     from distillm2_jax.data.chat import encode_prompts, pad_token_id, stop_token_ids
     from distillm2_jax.generate import sample
+    from distillm2_jax.models import align_vocab
+
+    align_vocab(len(tokenizer), model)
 
     encoded = encode_prompts(tokenizer, [_messages(p) for p in prompts], max_prompt_length=max_prompt_length)
     stops = set(stop_token_ids(tokenizer))

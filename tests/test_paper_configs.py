@@ -28,9 +28,8 @@ def test_every_paper_setup_has_a_config():
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_config_parses(path):
-    cfg = config.load(path)          # schema, types and cross-field checks; no path check
-    assert config.load(path) == cfg  # deterministic
-    assert cfg.train.global_batch % cfg.train.micro_batch_size == 0
+    # load raises a UserError naming the key on any schema, type or cross-field error
+    config.load(path)
 
 
 @pytest.mark.parametrize("name", sorted(PAPER_SETUPS))

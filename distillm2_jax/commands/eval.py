@@ -88,17 +88,19 @@ def run(args) -> int:
     from distillm2_jax.errors import UserError
     from distillm2_jax.train.epoch_data import load_tokenizer
 
-    for name in ("samples", "max_new_tokens", "batch_size"):
-        if getattr(args, name) < (0 if name == "samples" else 1):
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.samples < 0:
+        raise UserError(f"--samples must be 0 or more, got {args.samples}")
+    for name in ("max_new_tokens", "batch_size"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     records = read_eval_records(args.data, limit=args.limit)
+    if args.teacher and not any(r.response is not None for r in records):
+        raise UserError(f"{args.data}: --teacher needs records with a reference response (`chosen` or `response`)")
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     dtype = getattr(jnp, args.dtype)
     model = models.from_pretrained(args.model, dtype=dtype)
     teacher = models.from_pretrained(args.teacher, dtype=dtype) if args.teacher else None
     models.align_vocab(len(tokenizer), *([model] + ([teacher] if teacher else [])))
-    if teacher is not None and not any(r.response is not None for r in records):
-        raise UserError(f"{args.data}: --teacher needs records with a reference response (`chosen` or `response`)")
     result = evaluate_records(model, records, tokenizer, teacher=teacher, checker=args.checker,
                               samples=args.samples, max_new_tokens=args.max_new_tokens, max_length=args.max_length,
                               max_prompt_length=args.max_prompt_length, batch_size=args.batch_size)

@@ -35,19 +35,24 @@ def parse_eval_record(data: dict, where: str) -> EvalRecord:
     if answer is not None:
         if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
             raise UserError(f"{where}: field `answer`: expected a string or number, got {type(answer).__name__}")
+        if isinstance(answer, float) and answer.is_integer():
+            answer = int(answer)     # JSON 72.0 is the answer "72", not "72.0"
         answer = str(answer)
     if "chosen" in data or "rejected" in data:
         pair = parse_pair(data, where)
         return EvalRecord(where, pair.messages, answer, pair.chosen)
     _, messages = prompt_from_record(data, where)
-    response = data.get("response", data.get("generated_text"))
+    field = "response" if "response" in data else "generated_text"
+    response = data.get(field)
     if response is not None and not isinstance(response, str):
-        raise UserError(f"{where}: field `response`: expected a string, got {type(response).__name__}")
+        raise UserError(f"{where}: field `{field}`: expected a string, got {type(response).__name__}")
     return EvalRecord(where, messages, answer, response)
 
 
 def read_eval_records(spec: str, *, limit: int | None = None) -> list[EvalRecord]:
     """Parse every record of `spec` (errors name the file and line); at least one is required."""
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be at least 1, got {limit}")
     out = []
     for raw in iter_records(spec):
         out.append(parse_eval_record(raw.data, raw.where))

@@ -33,7 +33,7 @@ _COMMON = dict(model_type="qwen2", vocab_size=VOCAB_SIZE, eos_token_id=EOS_ID, p
 # About 1.7M parameters (3.4 MB in bfloat16): large enough to learn the task well.
 TEACHER_CONFIG = dict(_COMMON, hidden_size=192, intermediate_size=512, num_hidden_layers=4,
                       num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=False)
-# About 0.45M parameters: learns the task only partly from a short supervised warm-up.
+# About 0.43M parameters: learns the task only partly from a short supervised warm-up.
 STUDENT_CONFIG = dict(_COMMON, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
 

@@ -17,6 +17,8 @@ import re
 
 _HASHES = re.compile(r"####\s*(.+)")
 _ANSWER_IS = re.compile(r"answer(?:\s+is|\s*:)\s*(.+)", re.IGNORECASE)
+_HASHES_MARK = re.compile(r"####")
+_ANSWER_IS_MARK = re.compile(r"answer(?:\s+is|\s*:)", re.IGNORECASE)
 
 
 def _last_boxed(text: str) -> str | None:
@@ -50,10 +52,12 @@ def extract_answer(response: str) -> str | None:
         return _clean(boxed)
     if "\\boxed{" in response:
         return None
-    for pattern in (_HASHES, _ANSWER_IS):
+    for pattern, marker in ((_HASHES, _HASHES_MARK), (_ANSWER_IS, _ANSWER_IS_MARK)):
         hits = pattern.findall(response)
         if hits:
             return _clean(hits[-1].splitlines()[0])
+        if marker.search(response):
+            return None  # a marker with nothing after it: malformed, not an answer
     lines = [ln for ln in response.strip().splitlines() if ln.strip()]
     if len(lines) != 1:
         return None

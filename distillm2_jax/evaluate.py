@@ -150,7 +150,12 @@ def _acceptance_sums(dparams, dcfg, tparams, tcfg, input_ids, attention_mask, la
     """Sums over response positions, chunk by chunk along the sequence (never [B, T, V] at once)."""
     hd = decoder.forward(dparams, dcfg, input_ids, attention_mask)[0][:, :-1]
     ht = decoder.forward(tparams, tcfg, input_ids, attention_mask)[0][:, :-1]
-    mask = labels[:, 1:] != losses.IGNORE_INDEX
+    lab = labels[:, 1:]
+    # Start the chunk grid at the batch's first label; earlier positions are prompt in every row,
+    # and chunks without a label skip both heads (as in the training loss).
+    start = losses.first_label(lab)
+    hd, ht, lab = (jnp.roll(x, -start, axis=1) for x in (hd, ht, lab))
+    mask = lab != losses.IGNORE_INDEX
     pad = -hd.shape[1] % chunk_size
     hd, ht = (jnp.pad(h, ((0, 0), (0, pad), (0, 0))) for h in (hd, ht))
     mask = jnp.pad(mask, ((0, 0), (0, pad)))
@@ -161,11 +166,16 @@ def _acceptance_sums(dparams, dcfg, tparams, tcfg, input_ids, attention_mask, la
 
     def one(args):
         hd_c, ht_c, m_c = args
+        return jax.lax.cond(jnp.any(m_c), heads, lambda *_: (jnp.float32(0), jnp.float32(0), jnp.float32(0)),
+                            hd_c, ht_c, m_c)
+
+    def heads(hd_c, ht_c, m_c):
         lq = jax.nn.log_softmax(decoder.logits_from_hidden(dparams, dcfg, hd_c), axis=-1)
         lp = jax.nn.log_softmax(decoder.logits_from_hidden(tparams, tcfg, ht_c), axis=-1)
         accept = jnp.sum(jnp.minimum(jnp.exp(lp), jnp.exp(lq)), axis=-1)
         agree = jnp.argmax(lp, axis=-1) == jnp.argmax(lq, axis=-1)
-        return jnp.sum(accept * m_c), jnp.sum(agree * m_c), jnp.sum(m_c)
+        m_c = m_c.astype(jnp.float32)
+        return (jnp.sum(accept.astype(jnp.float32) * m_c), jnp.sum(agree * m_c), jnp.sum(m_c))
 
     a, g, c = jax.lax.map(one, (split(hd), split(ht), split(mask)))
     return jnp.sum(a), jnp.sum(g), jnp.sum(c)

@@ -716,7 +716,7 @@ def chunked_objective(name: str, student_hidden: jax.Array, student_head: jax.Ar
     # Start the chunk grid at the first labelled position of the batch (positions before it are
     # prompt in every row; rolled to the end, they and trailing padding fill label-free chunks,
     # which skip their head matmuls).
-    start = _first_label(lab)
+    start = first_label(lab)
     align = lambda x: jnp.roll(x, -start, axis=1)  # noqa: E731
     lab_c = _to_chunks(align(lab), chunk, n_chunks, IGNORE_INDEX)
     # roll and _to_chunks are linear: autodiff maps the chunked cotangent back to [2B, T, H].
@@ -733,7 +733,7 @@ def chunked_objective(name: str, student_hidden: jax.Array, student_head: jax.Ar
     return _fused(cs, hs, student_head, ht, wt, lab_c, tokens, alpha, beta_arr, denominators)
 
 
-def _first_label(lab: jax.Array) -> jax.Array:
+def first_label(lab: jax.Array) -> jax.Array:
     """The first position holding a label in any row (0 when there is none)."""
     has = lab != IGNORE_INDEX
     first = jnp.where(jnp.any(has, axis=1), jnp.argmax(has, axis=1), lab.shape[1])

@@ -17,7 +17,8 @@ def test_extract(response, expected):
     assert answers.extract_answer(response) == expected
 
 
-@pytest.mark.parametrize("response", ["", "\n\n", "two\nlines", "\\boxed{unclosed", "#### ", None, 17])
+@pytest.mark.parametrize("response", ["", "\n\n", "two\nlines", "\\boxed{unclosed", "#### ", None, 17,
+                                      "The answer is", "Answer:  ", "work\n####"])
 def test_malformed(response):
     assert answers.extract_answer(response) is None
 

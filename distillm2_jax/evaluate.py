@@ -130,12 +130,15 @@ class AcceptanceResult:
     rate: mean over response positions of sum_v min(p_target, q_draft), the probability that
     speculative sampling (Leviathan et al., 2023) accepts a drafted token at temperature 1.
     greedy_rate: fraction of positions where both models' argmax agree (greedy drafting).
+    draft_nll: the draft's mean NLL of the responses (nats/token), what `nll(draft, ...)` gives,
+    computed in the same pass so an evaluation needing both runs the draft once.
     Positions are those of the given responses (the target's samples: the contexts speculative
     decoding visits, since its output follows the target's distribution).
     """
     rate: float
     greedy_rate: float
     tokens: int
+    draft_nll: float
 
     def tokens_per_target_call(self, draft_length: int) -> float:
         """Expected tokens per target forward with `draft_length` drafted tokens: (1-a^(k+1))/(1-a)."""
@@ -145,9 +148,13 @@ class AcceptanceResult:
         return (1.0 - a ** (draft_length + 1)) / (1.0 - a)
 
 
-@functools.partial(jax.jit, static_argnames=("dcfg", "tcfg", "chunk_size"))
-def _acceptance_sums(dparams, dcfg, tparams, tcfg, input_ids, attention_mask, labels, chunk_size):
-    """Sums over response positions, chunk by chunk along the sequence (never [B, T, V] at once)."""
+@functools.partial(jax.jit, static_argnames=("dcfg", "tcfg", "chunk_size", "vocab"))
+def _acceptance_sums(dparams, dcfg, tparams, tcfg, input_ids, attention_mask, labels, chunk_size, vocab):
+    """Sums over response positions, chunk by chunk along the sequence (never [B, T, V] at once).
+
+    The draft's head is applied whole: its NLL is normalized over all its rows, as in `nll`; the
+    acceptance compares both models over the first `vocab` (the tokenizer's) ids.
+    """
     hd = decoder.forward(dparams, dcfg, input_ids, attention_mask)[0][:, :-1]
     ht = decoder.forward(tparams, tcfg, input_ids, attention_mask)[0][:, :-1]
     lab = labels[:, 1:]
@@ -155,30 +162,34 @@ def _acceptance_sums(dparams, dcfg, tparams, tcfg, input_ids, attention_mask, la
     # and chunks without a label skip both heads (as in the training loss).
     start = losses.first_label(lab)
     hd, ht, lab = (jnp.roll(x, -start, axis=1) for x in (hd, ht, lab))
-    mask = lab != losses.IGNORE_INDEX
     pad = -hd.shape[1] % chunk_size
     hd, ht = (jnp.pad(h, ((0, 0), (0, pad), (0, 0))) for h in (hd, ht))
-    mask = jnp.pad(mask, ((0, 0), (0, pad)))
+    lab = jnp.pad(lab, ((0, 0), (0, pad)), constant_values=losses.IGNORE_INDEX)
     n = hd.shape[1] // chunk_size
 
     def split(x):  # [B, n*c, ...] -> [n, B, c, ...]
         return jnp.moveaxis(x.reshape(x.shape[0], n, chunk_size, *x.shape[2:]), 1, 0)
 
     def one(args):
-        hd_c, ht_c, m_c = args
-        return jax.lax.cond(jnp.any(m_c), heads, lambda *_: (jnp.float32(0), jnp.float32(0), jnp.float32(0)),
-                            hd_c, ht_c, m_c)
+        hd_c, ht_c, lab_c = args
+        m_c = lab_c != losses.IGNORE_INDEX
+        return jax.lax.cond(jnp.any(m_c), heads, lambda *_: tuple(jnp.float32(0) for _ in range(4)),
+                            hd_c, ht_c, lab_c)
 
-    def heads(hd_c, ht_c, m_c):
-        lq = jax.nn.log_softmax(decoder.logits_from_hidden(dparams, dcfg, hd_c), axis=-1)
+    def heads(hd_c, ht_c, lab_c):
+        m_c = lab_c != losses.IGNORE_INDEX
+        draft_logits = decoder.logits_from_hidden(dparams, dcfg, hd_c)
+        lq = jax.nn.log_softmax(draft_logits[..., :vocab], axis=-1)
         lp = jax.nn.log_softmax(decoder.logits_from_hidden(tparams, tcfg, ht_c), axis=-1)
         accept = jnp.sum(jnp.minimum(jnp.exp(lp), jnp.exp(lq)), axis=-1)
         agree = jnp.argmax(lp, axis=-1) == jnp.argmax(lq, axis=-1)
+        label_lq = jnp.take_along_axis(jax.nn.log_softmax(draft_logits, axis=-1), jnp.where(m_c, lab_c, 0)[..., None], axis=-1)[..., 0]
         m_c = m_c.astype(jnp.float32)
-        return (jnp.sum(accept.astype(jnp.float32) * m_c), jnp.sum(agree * m_c), jnp.sum(m_c))
+        return (jnp.sum(accept.astype(jnp.float32) * m_c), jnp.sum(agree * m_c), jnp.sum(m_c),
+                -jnp.sum(label_lq.astype(jnp.float32) * m_c))
 
-    a, g, c = jax.lax.map(one, (split(hd), split(ht), split(mask)))
-    return jnp.sum(a), jnp.sum(g), jnp.sum(c)
+    a, g, c, nll_sum = jax.lax.map(one, (split(hd), split(ht), split(lab)))
+    return jnp.sum(a), jnp.sum(g), jnp.sum(c), jnp.sum(nll_sum)
 
 
 def _colocate(*trees):
@@ -200,20 +211,21 @@ def acceptance_rate(draft, target, pairs, tokenizer, *, batch_size: int = 8, max
     if isinstance(pairs, (str, bytes)) or hasattr(pairs, "__fspath__"):
         pairs = read_pairs(pairs)
     vocab = len(tokenizer)
-    dcfg = dataclasses.replace(draft.config, logits_vocab=vocab)
+    dcfg = draft.config
     tcfg = dataclasses.replace(target.config, logits_vocab=vocab)
-    for name, cfg in (("draft", dcfg), ("target", tcfg)):
-        if cfg.vocab_size < vocab:
-            raise ValueError(f"{name} model has {cfg.vocab_size} output rows, fewer than the tokenizer's {vocab}")
+    for name, rows in (("draft", dcfg.output_vocab), ("target", tcfg.vocab_size)):
+        if rows < vocab:
+            raise ValueError(f"{name} model has {rows} output rows, fewer than the tokenizer's {vocab}")
     dparams, tparams = _colocate(draft.params(), target.params())
-    acc = agree = count = 0.0
+    acc = agree = count = nll_total = 0.0
     for start in range(0, len(pairs), batch_size):
         chunk = list(pairs[start:start + batch_size])
         batch = make_batch(chunk, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length)
         n = len(chunk)
-        a, g, c = _acceptance_sums(dparams, dcfg, tparams, tcfg,
-                                   jnp.asarray(batch["input_ids"][:n]), jnp.asarray(batch["attention_mask"][:n]),
-                                   jnp.asarray(batch["labels"][:n]),
-                                   chunk_size=min(chunk_size, max(batch["input_ids"].shape[1] - 1, 1)))
-        acc, agree, count = acc + float(a), agree + float(g), count + int(c)
-    return AcceptanceResult(acc / max(count, 1), agree / max(count, 1), int(count))
+        a, g, c, s = _acceptance_sums(dparams, dcfg, tparams, tcfg,
+                                      jnp.asarray(batch["input_ids"][:n]), jnp.asarray(batch["attention_mask"][:n]),
+                                      jnp.asarray(batch["labels"][:n]),
+                                      chunk_size=min(chunk_size, max(batch["input_ids"].shape[1] - 1, 1)), vocab=vocab)
+        acc, agree, count, nll_total = acc + float(a), agree + float(g), count + int(c), nll_total + float(s)
+    return AcceptanceResult(acc / max(count, 1), agree / max(count, 1), int(count),
+                            nll_total / max(count, 1) if count else float("nan"))

@@ -58,13 +58,20 @@ def test_acceptance_rate_matches_a_direct_computation(tmp_path):
     accept = np.minimum(p, q).sum(-1)
     agree = p.argmax(-1) == q.argmax(-1)
     assert result.tokens == int(valid.sum())
+    # the draft's NLL from the same pass: PyTorch's log-probability of each response token
+    tgt = labels[:, 1:]
+    logq = np.log(np.take_along_axis(q, np.where(valid, tgt, 0)[..., None], axis=-1)[..., 0])
+    np.testing.assert_allclose(result.draft_nll, -logq[valid].mean(), rtol=1e-5)
+    np.testing.assert_allclose(result.draft_nll, api.nll(api.from_pretrained(paths["student"]), pairs, tok,
+                                                         max_length=48, max_prompt_length=24).nll, rtol=1e-5)
     np.testing.assert_allclose(result.rate, accept[valid].mean(), rtol=1e-5)
     np.testing.assert_allclose(result.greedy_rate, agree[valid].mean(), rtol=1e-6)
     assert 0.0 < result.rate < 1.0
     # chunked along the sequence (5 positions per chunk, the last one padded): the same sums
     chunked = api.acceptance_rate(api.from_pretrained(paths["student"]), api.from_pretrained(paths["teacher"]),
                                   pairs, tok, batch_size=2, max_length=48, max_prompt_length=24, chunk_size=5)
-    np.testing.assert_allclose([chunked.rate, chunked.greedy_rate], [result.rate, result.greedy_rate], rtol=1e-6)
+    np.testing.assert_allclose([chunked.rate, chunked.greedy_rate, chunked.draft_nll],
+                               [result.rate, result.greedy_rate, result.draft_nll], rtol=1e-6)
     assert chunked.tokens == result.tokens
     # Expected tokens per target call with k drafted tokens: sum_{i<=k} a^i.
     k = 3

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 
@@ -50,12 +51,16 @@ def evaluate_records(model, records, tokenizer, *, teacher=None, checker: str = 
     with_response = [r.as_pair() for r in records if r.response is not None]
     kw = dict(max_length=max_length, max_prompt_length=max_prompt_length, batch_size=batch_size)
     if with_response:
-        res = evaluate.nll(model, with_response, tokenizer, **kw)
-        out["nll"] = {"nll": res.nll, "perplexity": res.perplexity, "tokens": res.tokens, "sequences": res.sequences}
-        if teacher is not None:
+        if teacher is not None:  # one pass gives the acceptance and the student's NLL
             ar = evaluate.acceptance_rate(model, teacher, with_response, tokenizer, **kw)
             out["acceptance"] = {"rate": ar.rate, "greedy_rate": ar.greedy_rate, "tokens": ar.tokens,
                                  "tokens_per_target_call_k4": ar.tokens_per_target_call(4)}
+            out["nll"] = {"nll": ar.draft_nll, "perplexity": math.exp(ar.draft_nll) if ar.tokens else float("nan"),
+                          "tokens": ar.tokens, "sequences": len(with_response)}
+        else:
+            res = evaluate.nll(model, with_response, tokenizer, **kw)
+            out["nll"] = {"nll": res.nll, "perplexity": res.perplexity, "tokens": res.tokens,
+                          "sequences": res.sequences}
     with_answer = [r for r in records if r.answer is not None]
     gen_kw = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, max_prompt_length=max_prompt_length)
     responses: list[str] = []

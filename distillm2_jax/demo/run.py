@@ -133,12 +133,14 @@ def evaluate_model(model, teacher, tokenizer, heldout: list, pairs: Path) -> dic
 
     acc = task_accuracy(model, heldout, tokenizer, max_new_tokens=12)
     kw = dict(max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH, batch_size=64)
-    nll = evaluate.nll(model, str(pairs), tokenizer, chunk_size=MAX_LENGTH, **kw)
     row = {"exact_match": acc["exact_match"], "per_skill": acc["per_skill"], "malformed": acc["malformed"],
-           "nll": nll.nll, "tokens": nll.tokens, "samples": acc["responses"][:6]}
-    if model is not teacher:
-        ar = evaluate.acceptance_rate(model, teacher, str(pairs), tokenizer, **kw)
-        row.update(acceptance=ar.rate, greedy_acceptance=ar.greedy_rate)
+           "samples": acc["responses"][:6]}
+    if model is teacher:
+        nll = evaluate.nll(model, str(pairs), tokenizer, chunk_size=MAX_LENGTH, **kw)
+        row.update(nll=nll.nll, tokens=nll.tokens)
+    else:  # one pass gives the acceptance and the student's NLL
+        ar = evaluate.acceptance_rate(model, teacher, str(pairs), tokenizer, chunk_size=MAX_LENGTH, **kw)
+        row.update(nll=ar.draft_nll, tokens=ar.tokens, acceptance=ar.rate, greedy_acceptance=ar.greedy_rate)
     return row
 
 

@@ -95,6 +95,16 @@ def make_batch(pairs: int, seq: int, prompt: int, vocab: int, seed: int = 0):
     return ids, mask, labels
 
 
+def shared_prompt_layout(ids, mask, labels, pairs: int, prompt: int):
+    """The same batch as the train step takes it (`train.step.Batch`): prompts [B, P] stored
+    once (rows b and B + b share theirs), responses and labels [2B, T - P] pair-major."""
+    import numpy as np
+
+    def pair_major(x):
+        return np.stack([x[:pairs, prompt:], x[pairs:, prompt:]], axis=1).reshape(2 * pairs, -1)
+    return ids[:pairs, :prompt], mask[:pairs, :prompt], pair_major(ids), pair_major(mask), pair_major(labels)
+
+
 def emit(event: str, **data) -> None:
     print(MARK + json.dumps({"event": event, **data}), flush=True)
 
@@ -257,7 +267,8 @@ def ours_worker(spec: dict) -> None:
     from distillm2_jax.config import OptimSection
     from distillm2_jax.models import decoder
     from distillm2_jax.train.optimizer import make_optimizer
-    from distillm2_jax.train.step import Batch, StepConfig, StepInputs, TrainState, train_step
+    from distillm2_jax.train.step import (Batch, StepConfig, StepInputs, TrainState, loss_labels, pair_hidden,
+                                          train_step)
 
     t0 = time.perf_counter()
     mesh = shd.make_mesh((-1, 1, 1))
@@ -286,10 +297,11 @@ def ours_worker(spec: dict) -> None:
 
     step_jit = jax.jit(step, in_shardings=(state_sh, jax.tree.map(lambda x: x.sharding, frozen),
                                            jax.tree.map(lambda x: x.sharding, teacher_params),
-                                           Batch(batch_sh, batch_sh, batch_sh), replicated),
+                                           Batch(*[batch_sh] * 5), replicated),
                        out_shardings=(state_sh, replicated), donate_argnums=(0,))
     ids, mask, labels = make_batch(spec["pairs"], spec["seq"], spec["prompt"], spec["student"]["vocab_size"])
-    batch = Batch(*(jax.device_put(np.asarray(x, np.int32)[None], batch_sh) for x in (ids, mask, labels)))
+    batch = Batch(*(jax.device_put(np.asarray(x, np.int32)[None], batch_sh)
+                    for x in shared_prompt_layout(ids, mask, labels, spec["pairs"], spec["prompt"])))
 
     def inputs_for(i: int, on: bool) -> StepInputs:
         key = jax.random.key_data(jax.random.fold_in(jax.random.key(0), i))
@@ -316,7 +328,8 @@ def ours_worker(spec: dict) -> None:
     def profile():
         """Time each piece of the step as its own jitted function (each after a compile run)."""
         dtype = spec["dtype"]
-        ids2, mask2, lab2 = batch.input_ids[0], batch.attention_mask[0], batch.labels[0]
+        micro = jax.tree.map(lambda x: x[0], batch)
+        lab2 = loss_labels(micro.labels)
         sp = state.trainable
         scfg, tcfg = cfg.student, cfg.teacher
 
@@ -330,9 +343,9 @@ def ours_worker(spec: dict) -> None:
             return min(out)
 
         res = {}
-        t_hidden = jax.jit(lambda tp: decoder.forward(tp, tcfg, ids2, mask2, compute_dtype=dtype)[0])
+        t_hidden = jax.jit(lambda tp: pair_hidden(tp, tcfg, micro, compute_dtype=dtype))
         res["teacher forward (hidden states)"] = timed(t_hidden, teacher_params)
-        s_hidden = jax.jit(lambda p: decoder.forward(p, scfg, ids2, mask2, compute_dtype=dtype)[0])
+        s_hidden = jax.jit(lambda p: pair_hidden(p, scfg, micro, compute_dtype=dtype))
         res["student forward only (hidden states)"] = timed(s_hidden, sp)
         ht = t_hidden(teacher_params)
         hs = s_hidden(sp)
@@ -349,7 +362,7 @@ def ours_worker(spec: dict) -> None:
         ct = jax.random.normal(jax.random.key(1), hs.shape, hs.dtype) * 1e-6
 
         def body_fwd_bwd(p):
-            return jax.grad(lambda p: jnp.vdot(decoder.forward(p, scfg, ids2, mask2, compute_dtype=dtype)[0]
+            return jax.grad(lambda p: jnp.vdot(pair_hidden(p, scfg, micro, compute_dtype=dtype)
                                                .astype(jnp.float32), ct))(p)
         res["student body forward+backward (hidden cotangent given)"] = timed(jax.jit(body_fwd_bwd), sp)
         grads = jax.tree.map(lambda x: x * 1e-3, sp)

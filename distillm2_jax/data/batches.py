@@ -14,6 +14,19 @@ Layout of a batch of B pairs (docs/data.md, "Batch layout"), all int32, right-pa
 With layout="stacked" every array gets shape [2, B, ...] instead (index 0 = chosen, 1 =
 rejected) so that a global batch can be assembled from per-host pieces along axis 1.
 
+With layout="shared_prompt" (the trainer's; `collate_shared_prompts`) a pair's prompt is stored
+once and both responses continue it, so the models run each prompt once per pair:
+
+    prompt_ids, prompt_mask        [B, P]     LEFT-padded prompts, P = max_prompt_length
+    response_ids, response_mask    [2, B, R]  right-padded responses (0 = chosen, 1 = rejected),
+                                              R = max_length - max_prompt_length
+    labels                         [2, B, R]  response_ids on response tokens, -100 on padding
+                                              (and on the first token after an empty prompt,
+                                              which nothing predicts)
+    valid                          [B]
+
+Here a response keeps at most R tokens whatever its prompt's length, so that R is static.
+
 Truncation: the prompt keeps its END to at most max_prompt_length tokens (a leading BOS stays);
 the response then gets the remaining max_length - len(prompt) tokens and is cut at its end.
 The end-of-turn token is appended before cutting, so it survives only when the whole response
@@ -32,7 +45,7 @@ from distillm2_jax.data.pairs import Pair
 from distillm2_jax.errors import UserError
 
 IGNORE_INDEX = -100
-LAYOUTS = ("rows", "stacked")
+LAYOUTS = ("rows", "stacked", "shared_prompt")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,10 +74,13 @@ def check_lengths(max_length: int, max_prompt_length: int) -> None:
 
 def truncate_pair(prompt_ids: Sequence[int], chosen_ids: Sequence[int],
                   rejected_ids: Sequence[int], *, max_length: int, max_prompt_length: int,
-                  bos_id: int | None = None) -> TokenizedPair:
-    """Apply the truncation rules (module docstring) to already-encoded ids."""
+                  bos_id: int | None = None, max_response_length: int | None = None) -> TokenizedPair:
+    """Apply the truncation rules (module docstring) to already-encoded ids; responses keep at
+    most `max_response_length` tokens when it is given."""
     prompt = truncate_keep_end(prompt_ids, max_prompt_length, bos_id)
     budget = max_length - len(prompt)
+    if max_response_length is not None:
+        budget = min(budget, max_response_length)
     return TokenizedPair(np.asarray(prompt, np.int32),
                          np.asarray(list(chosen_ids)[:budget], np.int32),
                          np.asarray(list(rejected_ids)[:budget], np.int32))
@@ -77,11 +93,13 @@ class PairTokenizer:
     """
 
     def __init__(self, tokenizer, *, max_length: int, max_prompt_length: int,
-                 plain_fallback: bool = False, eot_id: int | None = None):
+                 plain_fallback: bool = False, eot_id: int | None = None,
+                 max_response_length: int | None = None):
         check_lengths(max_length, max_prompt_length)
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.max_prompt_length = max_prompt_length
+        self.max_response_length = max_response_length
         self.plain_fallback = plain_fallback
         self.eot_id = end_of_turn_id(tokenizer) if eot_id is None else int(eot_id)
         self.pad_id = pad_token_id(tokenizer)
@@ -97,7 +115,7 @@ class PairTokenizer:
         return [
             truncate_pair(pr.input_ids.tolist(), c + [self.eot_id], r + [self.eot_id],
                           max_length=self.max_length, max_prompt_length=self.max_prompt_length,
-                          bos_id=self.bos_id)
+                          bos_id=self.bos_id, max_response_length=self.max_response_length)
             for pr, c, r in zip(prompts, chosen, rejected)
         ]
 
@@ -108,7 +126,8 @@ class PairTokenizer:
         """Re-apply this tokenizer's limits to pre-tokenised ids (e.g. from a TFDS export)."""
         return truncate_pair(tp.prompt_ids, tp.chosen_ids, tp.rejected_ids,
                              max_length=self.max_length,
-                             max_prompt_length=self.max_prompt_length, bos_id=self.bos_id)
+                             max_prompt_length=self.max_prompt_length, bos_id=self.bos_id,
+                             max_response_length=self.max_response_length)
 
 
 def _bucket_length(longest: int, max_length: int, buckets: Sequence[int] | None) -> int:
@@ -128,8 +147,9 @@ def collate_pairs(pairs: Sequence[TokenizedPair], *, max_length: int, pad_id: in
     T is `max_length`, or with `length_buckets` the smallest bucket holding the longest row
     (capped at max_length) - fewer padded tokens, but one compiled shape per bucket.
     """
-    if layout not in LAYOUTS:
-        raise UserError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if layout not in LAYOUTS[:2]:
+        raise UserError(f"layout must be one of {LAYOUTS[:2]} (shared_prompt: "
+                        f"collate_shared_prompts), got {layout!r}")
     rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids)
                                                            for p in pairs]
     longest = max((len(a) + len(b) for a, b in rows), default=0)
@@ -153,10 +173,56 @@ def collate_pairs(pairs: Sequence[TokenizedPair], *, max_length: int, pad_id: in
     return batch
 
 
+def collate_shared_prompts(pairs: Sequence[TokenizedPair], *, max_prompt_length: int,
+                           max_response_length: int, pad_id: int,
+                           length_buckets: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+    """Stack B tokenised pairs into the shared-prompt arrays (module docstring).
+
+    P is `max_prompt_length` and R `max_response_length`, or with `length_buckets` the smallest
+    buckets holding the longest prompt and the longest response (capped at those limits).
+    """
+    longest_prompt = max((len(p.prompt_ids) for p in pairs), default=0)
+    longest_response = max((max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs), default=0)
+    if longest_prompt > max_prompt_length or longest_response > max_response_length:
+        raise ValueError(f"a prompt of {longest_prompt} or a response of {longest_response} tokens "
+                         f"exceeds max_prompt_length {max_prompt_length} or max_response_length "
+                         f"{max_response_length}")
+    p_len = _bucket_length(longest_prompt, max_prompt_length, length_buckets)
+    r_len = _bucket_length(longest_response, max_response_length, length_buckets)
+    b = len(pairs)
+    prompt_ids = np.full((b, p_len), pad_id, np.int32)
+    prompt_mask = np.zeros((b, p_len), np.int32)
+    response_ids = np.full((2, b, r_len), pad_id, np.int32)
+    response_mask = np.zeros((2, b, r_len), np.int32)
+    labels = np.full((2, b, r_len), IGNORE_INDEX, np.int32)
+    for i, p in enumerate(pairs):
+        lp = len(p.prompt_ids)
+        if lp:
+            prompt_ids[i, p_len - lp:] = p.prompt_ids
+            prompt_mask[i, p_len - lp:] = 1
+        for half, response in enumerate((p.chosen_ids, p.rejected_ids)):
+            lr = len(response)
+            response_ids[half, i, :lr] = response
+            response_mask[half, i, :lr] = 1
+            labels[half, i, :lr] = response
+            if not lp and lr:
+                labels[half, i, 0] = IGNORE_INDEX   # nothing precedes it to predict it
+    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": response_ids,
+            "response_mask": response_mask, "labels": labels,
+            "valid": np.asarray([p.valid for p in pairs], np.int32)}
+
+
 def make_batch(pairs: Sequence[Pair], tokenizer, *, max_length: int, max_prompt_length: int,
                length_buckets: Sequence[int] | None = None, layout: str = "rows",
                plain_fallback: bool = False) -> dict[str, np.ndarray]:
     """Tokenise and collate B pairs in one call (tests, evaluation, small runs)."""
+    if layout == "shared_prompt":
+        tok = PairTokenizer(tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
+                            plain_fallback=plain_fallback,
+                            max_response_length=max_length - max_prompt_length)
+        return collate_shared_prompts(tok.tokenize(pairs), max_prompt_length=max_prompt_length,
+                                      max_response_length=max_length - max_prompt_length,
+                                      pad_id=tok.pad_id, length_buckets=length_buckets)
     tok = PairTokenizer(tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
                         plain_fallback=plain_fallback)
     return collate_pairs(tok.tokenize(pairs), max_length=max_length, pad_id=tok.pad_id,

@@ -14,6 +14,9 @@ Pipeline (grain.MapDataset, random access end to end):
   the single-process global batch (feed it with jax.make_array_from_process_local_data).
   Use layout="stacked" ([2, G/P, T] per host) when the batch axis is sharded across hosts:
   concatenating per-host [chosen; rejected] row blocks along axis 0 would interleave them.
+  layout="shared_prompt" (the trainer's) stores each prompt once ([G/P, P] prompts, [2, G/P, R]
+  responses; `batches.collate_shared_prompts`); responses then keep at most
+  max_length - max_prompt_length tokens.
 - drop_remainder=True drops the last partial global batch; False pads it with filler pairs
   (valid=0, all labels -100) so every host still sees full, equal shapes.
 - State: `iter(loader)` is a grain DatasetIterator: `get_state()` / `set_state(state)` restore
@@ -31,7 +34,7 @@ import grain
 import numpy as np
 
 from distillm2_jax.data.batches import (EMPTY_PAIR, LAYOUTS, PairTokenizer, TokenizedPair,
-                                        collate_pairs)
+                                        collate_pairs, collate_shared_prompts)
 from distillm2_jax.data.pairs import Pair
 from distillm2_jax.errors import UserError
 
@@ -123,9 +126,12 @@ class PairLoader:
         self.global_batch_size = global_batch_size
         self.local_batch_size = global_batch_size // self.process_count
         self.seed, self.epoch = seed, epoch
+        shared = layout == "shared_prompt"
+        max_response = max_length - max_prompt_length if shared else None
         self.pair_tokenizer = PairTokenizer(tokenizer, max_length=max_length,
                                             max_prompt_length=max_prompt_length,
-                                            plain_fallback=plain_fallback)
+                                            plain_fallback=plain_fallback,
+                                            max_response_length=max_response)
         ds = grain.MapDataset.source(pairs)
         if shuffle:
             ds = ds.shuffle(seed=epoch_seed(seed, epoch))
@@ -134,9 +140,14 @@ class PairLoader:
                                      process_count=self.process_count,
                                      drop_remainder=drop_remainder)
         ds = ds.map(partial(_to_tokenized, pair_tokenizer=self.pair_tokenizer))
-        collate = partial(collate_pairs, max_length=max_length,
-                          pad_id=self.pair_tokenizer.pad_id, length_buckets=length_buckets,
-                          layout=layout)
+        if shared:
+            collate = partial(collate_shared_prompts, max_prompt_length=max_prompt_length,
+                              max_response_length=max_response, pad_id=self.pair_tokenizer.pad_id,
+                              length_buckets=length_buckets)
+        else:
+            collate = partial(collate_pairs, max_length=max_length,
+                              pad_id=self.pair_tokenizer.pad_id, length_buckets=length_buckets,
+                              layout=layout)
         self.dataset: grain.MapDataset = ds.batch(self.local_batch_size, drop_remainder=True,
                                                   batch_fn=collate)
         self._read_options = grain.ReadOptions(num_threads=num_threads,

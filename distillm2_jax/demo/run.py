@@ -23,7 +23,7 @@ from pathlib import Path
 
 from distillm2_jax.demo import assets, task
 
-MAX_LENGTH, MAX_PROMPT_LENGTH = 48, 40
+MAX_LENGTH, MAX_PROMPT_LENGTH = 48, 36   # prompts are <= 34 tokens; responses keep <= 12
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,6 +28,7 @@ from distillm2_jax.models.decoder import (
     Decoder,
     KVCache,
     forward,
+    forward_pairs,
     init_cache,
     init_params,
     logits_from_hidden,
@@ -38,7 +39,7 @@ from distillm2_jax.models.decoder import (
 
 __all__ = [
     "Decoder", "KVCache", "ModelConfig", "SUPPORTED_MODEL_TYPES", "UnsupportedConfigError",
-    "align_vocab", "forward", "from_config", "from_pretrained", "init_cache", "init_params",
+    "align_vocab", "forward", "forward_pairs", "from_config", "from_pretrained", "init_cache", "init_params",
     "logits_from_hidden", "output_head", "param_shardings", "param_specs", "save_pretrained",
 ]
 

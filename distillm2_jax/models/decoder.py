@@ -196,6 +196,30 @@ def _softmax_attention(cfg: ModelConfig, q, k, v, mask, dtype):
     return jnp.einsum("bkgts,bksd->bkgtd", probs, v)
 
 
+def _heads_first(cfg: ModelConfig, q, k, v):
+    """q [B, T, Hq, D] -> [B, Hkv, G, T, D]; k, v [B, S, Hkv, D] -> [B, Hkv, S, D]."""
+    B, T = q.shape[:2]
+    Hkv = cfg.num_kv_heads
+    qh = q.reshape(B, T, Hkv, cfg.num_heads // Hkv, cfg.head_dim).transpose(0, 2, 3, 1, 4)
+    return qh, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
+
+def _blocked_attention(cfg: ModelConfig, q, k, v, mask, dtype, key_offset: int = 0):
+    """Causal attention of T queries in `causal_query_blocks`; returns [B, T, Hq * D].
+
+    q [B, T, Hq, D]; k, v [B, S, Hkv, D]; mask [B, T, S]. Query t sits at key slot
+    `key_offset + t` and sees no later slot, so query block [lo, hi) reads key slots
+    [0, key_offset + hi) only.
+    """
+    B, T = q.shape[:2]
+    qh, kh, vh = _heads_first(cfg, q, k, v)
+    out = jnp.concatenate(
+        [_softmax_attention(cfg, qh[:, :, :, lo:hi], kh[:, :, :key_offset + hi], vh[:, :, :key_offset + hi],
+                            mask[:, lo:hi, :key_offset + hi], dtype)
+         for lo, hi in causal_query_blocks(T)], axis=3)
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, cfg.num_heads * cfg.head_dim)
+
+
 def attention(cfg: ModelConfig, p: Params, x: jax.Array, cos, sin, mask: jax.Array,
               kv: tuple[jax.Array, jax.Array] | None, index: jax.Array | None):
     """Grouped-query attention of x [B, T, H] over T new tokens (and the cached slots).
@@ -221,16 +245,11 @@ def attention(cfg: ModelConfig, p: Params, x: jax.Array, cos, sin, mask: jax.Arr
         cache_v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
         new_kv = (cache_k, cache_v)
         k, v = cache_k.astype(x.dtype), cache_v.astype(x.dtype)
-    qh = q.reshape(B, T, Hkv, Hq // Hkv, D).transpose(0, 2, 3, 1, 4)    # [B, Hkv, G, T, D]
-    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)           # [B, Hkv, S, D]
-    if kv is not None:
+        qh, kh, vh = _heads_first(cfg, q, k, v)
         out = _softmax_attention(cfg, qh, kh, vh, mask, x.dtype)
+        out = out.transpose(0, 3, 1, 2, 4).reshape(B, T, Hq * D)
     else:
-        out = jnp.concatenate(
-            [_softmax_attention(cfg, qh[:, :, :, lo:hi], kh[:, :, :hi], vh[:, :, :hi],
-                                mask[:, lo:hi, :hi], x.dtype)
-             for lo, hi in causal_query_blocks(T)], axis=3)
-    out = out.transpose(0, 3, 1, 2, 4).reshape(B, T, Hq * D)
+        out = _blocked_attention(cfg, q, k, v, mask, x.dtype)
     return linear(out, p, "o"), new_kv
 
 
@@ -238,17 +257,23 @@ def mlp(cfg: ModelConfig, p: Params, x: jax.Array) -> jax.Array:
     return linear(_activation(cfg, linear(x, p, "gate")) * linear(x, p, "up"), p, "down")
 
 
-def block(cfg: ModelConfig, p: Params, x, cos, sin, mask, kv, index):
-    """One pre-norm decoder layer (with Gemma2's extra post-norms when configured)."""
+def _residual_layer(cfg: ModelConfig, p: Params, x, attend):
+    """One pre-norm decoder layer around `attend(normed x) -> (output, extra)` (with Gemma2's
+    extra post-norms when configured); returns (x, extra)."""
     eps, plus_one = cfg.rms_norm_eps, cfg.norm_plus_one
-    h, new_kv = attention(cfg, p, rms_norm(x, p["attn_norm"], eps, plus_one), cos, sin, mask, kv, index)
+    h, extra = attend(rms_norm(x, p["attn_norm"], eps, plus_one))
     if cfg.sandwich_norm:
         h = rms_norm(h, p["post_attn_norm"], eps, plus_one)
     x = x + h
     h = mlp(cfg, p, rms_norm(x, p["mlp_norm"], eps, plus_one))
     if cfg.sandwich_norm:
         h = rms_norm(h, p["post_mlp_norm"], eps, plus_one)
-    return x + h, new_kv
+    return x + h, extra
+
+
+def block(cfg: ModelConfig, p: Params, x, cos, sin, mask, kv, index):
+    """One decoder layer over x [B, T, H] (and this layer's cache); returns (x, new kv)."""
+    return _residual_layer(cfg, p, x, lambda h: attention(cfg, p, h, cos, sin, mask, kv, index))
 
 
 # ----------------------------------------------------------------------------- forward
@@ -303,16 +328,105 @@ def forward(params: Params, cfg: ModelConfig, input_ids: jax.Array,
         x, new_kv = block(cfg, p, x, cos, sin, base_mask & in_window[None], layer_kv, index)
         return x, new_kv
 
-    if REMAT_POLICIES.get(remat, "missing") == "missing":
-        raise ValueError(f"remat '{remat}' is not one of {sorted(REMAT_POLICIES)}")
+    policy = _check_remat(remat)
     if remat != "none":
-        body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
+        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
     x, new_kv = jax.lax.scan(body, x, (params["layers"], windows, kv))
     hidden = rms_norm(x, params["final_norm"], cfg.rms_norm_eps, cfg.norm_plus_one)
     if cache is None:
         return hidden, None
     new_cache = KVCache(new_kv[0], new_kv[1], key_valid, cache.index + T)
     return hidden, new_cache
+
+
+def _check_remat(remat: str):
+    if REMAT_POLICIES.get(remat, "missing") == "missing":
+        raise ValueError(f"remat '{remat}' is not one of {sorted(REMAT_POLICIES)}")
+    return REMAT_POLICIES[remat]
+
+
+def _pair_attention(cfg: ModelConfig, p: Params, x: jax.Array, prompt_len: int, ropes, masks):
+    """Attention of `forward_pairs`' packed pairs: x [B, P + 2R, H] -> same shape.
+
+    The prompts attend causally among themselves; each response attends to its pair's prompt
+    keys (the same keys serve both responses) and causally to its own keys, never to the other
+    response of its pair.
+    """
+    B, S, _ = x.shape
+    P, R = prompt_len, (S - prompt_len) // 2
+    Hq, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+
+    def heads(name, n):
+        y = linear(x, p, name).reshape(B, S, n, D)   # one matmul over prompt and response tokens
+        return y[:, :P], y[:, P:].reshape(2 * B, R, n, D)
+
+    (qp, qr), (kp, kr), (vp, vr) = heads("q", Hq), heads("k", Hkv), heads("v", Hkv)
+    if cfg.qk_norm:
+        norm = lambda t, w: rms_norm(t, p[w], cfg.rms_norm_eps, False)  # noqa: E731
+        qp, qr, kp, kr = norm(qp, "q_norm"), norm(qr, "q_norm"), norm(kp, "k_norm"), norm(kr, "k_norm")
+    (cos_p, sin_p), (cos_r, sin_r) = ropes
+    qp, kp = rope.apply(qp, cos_p, sin_p), rope.apply(kp, cos_p, sin_p)
+    qr, kr = rope.apply(qr, cos_r, sin_r), rope.apply(kr, cos_r, sin_r)
+    out_p = _blocked_attention(cfg, qp, kp, vp, masks[0], x.dtype)
+    k_all = jnp.concatenate([jnp.repeat(kp, 2, axis=0), kr], axis=1)  # [2B, P + R, Hkv, D]
+    v_all = jnp.concatenate([jnp.repeat(vp, 2, axis=0), vr], axis=1)
+    out_r = _blocked_attention(cfg, qr, k_all, v_all, masks[1], x.dtype, key_offset=P)
+    out = jnp.concatenate([out_p, out_r.reshape(B, 2 * R, Hq * D)], axis=1)
+    return linear(out, p, "o"), None
+
+
+def forward_pairs(params: Params, cfg: ModelConfig, prompt_ids: jax.Array, prompt_mask: jax.Array,
+                  response_ids: jax.Array, response_mask: jax.Array, *, compute_dtype=None,
+                  remat: str = "none"):
+    """Final-norm hidden states of B prompts and their 2B responses, each prompt run once.
+
+    prompt_ids/prompt_mask [B, P] are LEFT-padded; response_ids/response_mask [2B, R] are
+    right-padded and pair-major: rows 2b and 2b + 1 both continue prompt b (a pair's TGO and SGO
+    responses). The result equals `forward` on the 2B rows [prompt | response] at every real
+    token - positions count real tokens, and causality and sliding windows are measured on the
+    concatenated [P + R] slots, which equal position distances between real tokens - but each
+    prompt runs through the layers once per pair instead of twice.
+
+    A pair is packed as one [P + 2R] sequence, so batch-sharded inputs stay shard-local (a pair
+    never spans devices) and every linear layer is one matmul over prompt and response tokens.
+
+    Returns (prompt_hidden [B, P, H], response_hidden [2B, R, H], pair-major).
+    """
+    B, P = prompt_ids.shape
+    N, R = response_ids.shape
+    if N != 2 * B:
+        raise ValueError(f"expected 2 responses per prompt: {B} prompts, {N} responses")
+    cdt = jnp.dtype(compute_dtype or params["embed"].dtype)
+    pmask, rmask = prompt_mask.astype(bool), response_mask.astype(bool)
+    pos_p = positions_from_mask(pmask)
+    pos_r = positions_from_mask(rmask, jnp.repeat(pmask.sum(-1).astype(jnp.int32), 2))
+    dist_p = jnp.arange(P)[:, None] - jnp.arange(P)[None, :]                   # [P, P]
+    dist_r = (P + jnp.arange(R))[:, None] - jnp.arange(P + R)[None, :]         # [R, P + R]
+    mask_p = pmask[:, None, :] & (dist_p >= 0)[None]
+    mask_r = jnp.concatenate([jnp.repeat(pmask, 2, axis=0), rmask], axis=1)[:, None, :] & (dist_r >= 0)[None]
+
+    def embed(ids):
+        x = jnp.take(params["embed"], ids, axis=0).astype(cdt)
+        return x * jnp.asarray(cfg.hidden_size ** 0.5, dtype=cdt) if cfg.embed_scale else x
+
+    H = cfg.hidden_size
+    x = jnp.concatenate([embed(prompt_ids), embed(response_ids).reshape(B, 2 * R, H)], axis=1)
+    ropes = (rope.cos_sin(cfg, pos_p), rope.cos_sin(cfg, pos_r))
+    windows = jnp.asarray(cfg.layer_windows, jnp.int32)
+
+    def body(x, xs):
+        p, window = xs
+        win = lambda d: (window == 0) | (d < window)  # noqa: E731
+        masks = (mask_p & win(dist_p)[None], mask_r & win(dist_r)[None])
+        x, _ = _residual_layer(cfg, p, x, lambda h: _pair_attention(cfg, p, h, P, ropes, masks))
+        return x, None
+
+    policy = _check_remat(remat)
+    if remat != "none":
+        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+    x, _ = jax.lax.scan(body, x, (params["layers"], windows))
+    hidden = rms_norm(x, params["final_norm"], cfg.rms_norm_eps, cfg.norm_plus_one)
+    return hidden[:, :P], hidden[:, P:].reshape(N, R, H)
 
 
 def output_head(params: Params, cfg: ModelConfig) -> jax.Array:

@@ -29,10 +29,11 @@ def load_tokenizer(path: str):
 
 
 def make_loader(cfg, pairs, tokenizer, epoch: int) -> PairLoader:
-    """This process's loader over one epoch of pairs, in the [2, G, T] pair-stacked layout."""
+    """This process's loader over one epoch of pairs, in the shared-prompt layout (each prompt
+    stored once; responses keep at most max_length - max_prompt_length tokens)."""
     return PairLoader(pairs, tokenizer, global_batch_size=cfg.train.global_batch,
                       max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length,
-                      seed=cfg.seed, epoch=epoch, layout="stacked", drop_remainder=True)
+                      seed=cfg.seed, epoch=epoch, layout="shared_prompt", drop_remainder=True)
 
 
 class EpochData:

@@ -67,27 +67,42 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _batch_sharding(mesh) -> NamedSharding:
-    """[2, G, T] pair-stacked batches: pairs split over the data axes."""
-    return NamedSharding(mesh, P(None, shd.batch_axes(mesh), None))
+_PROMPT_KEYS = ("prompt_ids", "prompt_mask")
+_RESPONSE_KEYS = ("response_ids", "response_mask", "labels")
+
+
+def _batch_shardings(mesh) -> Batch:
+    """Pairs split over the data axes: prompts [G, P] on axis 0, responses [2, G, R] on axis 1."""
+    prompt = NamedSharding(mesh, P(shd.batch_axes(mesh), None))
+    response = NamedSharding(mesh, P(None, shd.batch_axes(mesh), None))
+    return Batch(*([prompt] * len(_PROMPT_KEYS) + [response] * len(_RESPONSE_KEYS)))
 
 
 def _to_global(local: dict, mesh) -> Batch:
-    sharding = _batch_sharding(mesh)
-    arrays = [jax.make_array_from_process_local_data(sharding, np.asarray(local[k], np.int32))
-              for k in ("input_ids", "attention_mask", "labels")]
-    return Batch(*arrays)
+    """This process's shared-prompt batch (`data.batches.collate_shared_prompts`) -> global arrays."""
+    return Batch(*(jax.make_array_from_process_local_data(sharding, np.asarray(local[k], np.int32))
+                   for k, sharding in zip(_PROMPT_KEYS + _RESPONSE_KEYS, _batch_shardings(mesh))))
 
 
 def _micro_batches(batch: Batch, num_micro: int, mesh) -> Batch:
-    """[2, G, T] -> [A, 2b, T]: micro-batch i holds pairs i, i+A, ... so each device keeps a
-    slice of every micro-batch; rows [0:b] chosen, [b:2b] rejected."""
-    def split(x):
+    """Prompts [G, P] -> [A, b, P] and responses [2, G, R] -> pair-major [A, 2b, R] (rows 2i,
+    2i + 1 = pair i's chosen, rejected). Micro-batch i holds pairs i, i+A, ..., so each device
+    keeps a slice of every micro-batch, and every reshape keeps a pair on its device."""
+    sharding = NamedSharding(mesh, P(None, shd.batch_axes(mesh), None))
+
+    def prompts(x):
+        g, t = x.shape
+        x = x.reshape(g // num_micro, num_micro, t).transpose(1, 0, 2)
+        return jax.lax.with_sharding_constraint(x, sharding)
+
+    def responses(x):
         two, g, t = x.shape
-        x = x.reshape(two, g // num_micro, num_micro, t).transpose(2, 0, 1, 3)
+        x = x.reshape(two, g // num_micro, num_micro, t).transpose(2, 1, 0, 3)   # [A, b, 2, R]
         x = x.reshape(num_micro, two * (g // num_micro), t)
-        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, shd.batch_axes(mesh), None)))
-    return Batch(*(split(x) for x in batch))
+        return jax.lax.with_sharding_constraint(x, sharding)
+
+    n = len(_PROMPT_KEYS)
+    return Batch(*([prompts(x) for x in batch[:n]] + [responses(x) for x in batch[n:]]))
 
 
 class Trainer:
@@ -176,7 +191,7 @@ class Trainer:
         replicated = NamedSharding(mesh, P())
         frozen_sh = jax.tree.map(lambda x: x.sharding, self.frozen)
         teacher_sh = jax.tree.map(lambda x: x.sharding, self.teacher_params)
-        batch_sh = Batch(*([_batch_sharding(mesh)] * 3))
+        batch_sh = _batch_shardings(mesh)
         return jax.jit(step, in_shardings=(state_shardings, frozen_sh, teacher_sh, batch_sh, replicated),
                        out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
@@ -187,7 +202,7 @@ class Trainer:
         def measure(stats, trainable, frozen, teacher, batch):
             return measure_gaps(stats, combine(trainable, frozen), teacher, _micro_batches(batch, num_micro, mesh), cfg=cfg)
         replicated = NamedSharding(mesh, P())
-        return jax.jit(measure, in_shardings=(replicated, None, None, None, Batch(*([_batch_sharding(mesh)] * 3))),
+        return jax.jit(measure, in_shardings=(replicated, None, None, None, _batch_shardings(mesh)),
                        out_shardings=replicated)
 
     # ------------------------------------------------------------------ the run

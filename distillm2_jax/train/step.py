@@ -1,7 +1,8 @@
 """The distillation train step: one `jax.jit` with explicit shardings and a donated state.
 
 Inside one step: for each micro-batch (a `lax.scan`, i.e. gradient accumulation), the teacher
-forward under stop-gradient, the student forward, the per-row skew `alpha` from the curriculum
+forward under stop-gradient, the student forward (both `decoder.forward_pairs`: a pair's prompt
+runs once, its two responses attend to it), the per-row skew `alpha` from the curriculum
 (when on), and the chunked objective from hidden states and output heads (no [2B, T, V] array);
 then the optax update. Schedules (b, the curriculum reference m) are traced scalar inputs, so
 changing them never recompiles, and whether the curriculum is on is a traced flag under
@@ -33,10 +34,48 @@ class TrainState:
 
 
 class Batch(NamedTuple):
-    """Token arrays of [A, 2B, T]: A micro-batches; rows [0:B] TGO (chosen), [B:2B] SGO."""
-    input_ids: jax.Array
-    attention_mask: jax.Array
+    """A micro-batches of b pairs in the shared-prompt layout (`data.batches`).
+
+    prompt_ids/prompt_mask [A, b, P] left-padded; response_ids/response_mask/labels [A, 2b, R]
+    right-padded and pair-major: rows 2i and 2i + 1 are pair i's TGO (chosen) and SGO responses,
+    so a pair never spans devices. labels are the response tokens, -100 on padding (not
+    shifted: label j is response token j).
+    """
+    prompt_ids: jax.Array
+    prompt_mask: jax.Array
+    response_ids: jax.Array
+    response_mask: jax.Array
     labels: jax.Array
+
+
+def to_halves(x: jax.Array, axis: int = 0) -> jax.Array:
+    """Pair-major rows (2i, 2i + 1 = pair i's TGO, SGO) -> the `losses` order: rows [0:b] TGO,
+    [b:2b] SGO, along `axis`."""
+    axis = axis % x.ndim
+    n = x.shape[axis]
+    y = x.reshape(x.shape[:axis] + (n // 2, 2) + x.shape[axis + 1:])
+    return jnp.swapaxes(y, axis, axis + 1).reshape(x.shape)
+
+
+def loss_hidden(prompt_hidden: jax.Array, response_hidden: jax.Array) -> jax.Array:
+    """[b, P, H] and pair-major [2b, R, H] -> [2b, R + 1, H] in the `losses` row order: each
+    row's last prompt state, then its response states. With `loss_labels`, position t predicts
+    label t + 1 (the `losses` convention): the last prompt state predicts the first response token."""
+    last = jnp.repeat(prompt_hidden[:, -1:], 2, axis=0)
+    return to_halves(jnp.concatenate([last, response_hidden], axis=1))
+
+
+def loss_labels(labels: jax.Array) -> jax.Array:
+    """Pair-major [..., 2b, R] response labels -> [..., 2b, R + 1] aligned with `loss_hidden`."""
+    pad = jnp.full(labels.shape[:-1] + (1,), losses.IGNORE_INDEX, labels.dtype)
+    return to_halves(jnp.concatenate([pad, labels], axis=-1), axis=-2)
+
+
+def pair_hidden(params: Params, cfg: ModelConfig, micro: Batch, *, compute_dtype, remat: str = "none"):
+    """A model's `loss_hidden` of one micro-batch (prompts run once per pair)."""
+    hp, hr = decoder.forward_pairs(params, cfg, micro.prompt_ids, micro.prompt_mask, micro.response_ids,
+                                   micro.response_mask, compute_dtype=compute_dtype, remat=remat)
+    return loss_hidden(hp, hr)
 
 
 class StepInputs(NamedTuple):
@@ -86,27 +125,26 @@ def _with_lora_dropout(params: Params, cfg: StepConfig, key: jax.Array) -> Param
 
 
 def micro_loss(trainable: Params, frozen: Params, teacher: Params | None, cfg: StepConfig,
-               input_ids, attention_mask, labels, inputs: StepInputs, denominators: dict | None = None):
-    """Loss and metrics of one micro-batch [2B, T].
+               micro: Batch, inputs: StepInputs, denominators: dict | None = None):
+    """Loss and metrics of one micro-batch (a `Batch` without its leading A axis).
 
-    denominators: the whole step's counts (`losses.loss_denominators`), so that the micro-batch
-    losses add up to the loss of the whole batch.
+    denominators: the whole step's counts (`losses.loss_denominators` of `loss_labels`), so
+    that the micro-batch losses add up to the loss of the whole batch.
     """
     student = _with_lora_dropout(combine(trainable, frozen), cfg, inputs.key)
     dtype = cfg.compute_dtype
-    hs, _ = decoder.forward(student, cfg.student, input_ids, attention_mask,
-                            compute_dtype=dtype, remat=cfg.remat)
+    hs = pair_hidden(student, cfg.student, micro, compute_dtype=dtype, remat=cfg.remat)
     ws = decoder.output_head(student, cfg.student)
     ht = wt = None
     if cfg.teacher is not None:
         teacher = jax.lax.stop_gradient(teacher)
-        ht, _ = decoder.forward(teacher, cfg.teacher, input_ids, attention_mask, compute_dtype=dtype)
-        ht = jax.lax.stop_gradient(ht)
+        ht = jax.lax.stop_gradient(pair_hidden(teacher, cfg.teacher, micro, compute_dtype=dtype))
         wt = decoder.output_head(teacher, cfg.teacher)
-    num_pairs = input_ids.shape[0] // 2
+    labels = loss_labels(micro.labels)
+    rows = labels.shape[0]
+    num_pairs = rows // 2
     softcaps = dict(student_softcap=cfg.student.final_softcap,
                     teacher_softcap=None if cfg.teacher is None else cfg.teacher.final_softcap)
-    rows = input_ids.shape[0]
     alpha = jnp.full((rows,), cfg.alpha, jnp.float32)
     if cfg.curriculum and cfg.teacher is not None:
         def curriculum_alpha():
@@ -141,15 +179,16 @@ def train_step(state: TrainState, frozen: Params, teacher: Params | None, batch:
     Loss metrics (`losses.ADDITIVE_METRICS`) add up; the others are means over micro-batches.
     """
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
-    num_micro = batch.input_ids.shape[0]
-    denominators = losses.loss_denominators(batch.labels, batch.labels.shape[1] // 2, cfg.reduction)
+    num_micro = batch.labels.shape[0]
+    denominators = losses.loss_denominators(loss_labels(batch.labels), batch.labels.shape[1] // 2,
+                                            cfg.reduction)
 
-    def accumulate(carry, micro):
+    def accumulate(carry, xs):
         grads_sum, metrics_sum = carry
-        ids, mask, labels, i = micro
+        micro, i = xs
         step_inputs = inputs._replace(key=jax.random.key_data(
             jax.random.fold_in(jax.random.wrap_key_data(inputs.key), i)))
-        (loss, metrics), grads = grad_fn(state.trainable, frozen, teacher, cfg, ids, mask, labels, step_inputs,
+        (loss, metrics), grads = grad_fn(state.trainable, frozen, teacher, cfg, micro, step_inputs,
                                          denominators)
         metrics = {**_scalar_metrics(metrics), "loss": loss}
         grads_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_sum, grads)
@@ -158,13 +197,12 @@ def train_step(state: TrainState, frozen: Params, teacher: Params | None, batch:
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.trainable)
     metric_shapes = jax.eval_shape(
-        lambda: {**_scalar_metrics(micro_loss(state.trainable, frozen, teacher, cfg, batch.input_ids[0],
-                                              batch.attention_mask[0], batch.labels[0], inputs)[1]),
+        lambda: {**_scalar_metrics(micro_loss(state.trainable, frozen, teacher, cfg,
+                                              jax.tree.map(lambda x: x[0], batch), inputs)[1]),
                  "loss": jnp.float32(0)})
     metric_zeros = {k: jnp.full(v.shape, _INIT.get(k, 0.0), jnp.float32) for k, v in metric_shapes.items()}
     (grads, metrics), _ = jax.lax.scan(
-        accumulate, (zeros, metric_zeros),
-        (batch.input_ids, batch.attention_mask, batch.labels, jnp.arange(num_micro)))
+        accumulate, (zeros, metric_zeros), (batch, jnp.arange(num_micro)))
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.trainable)
     summed = _REDUCE.keys() | losses.ADDITIVE_METRICS | {"tokens"}
     metrics = {k: v if k in summed else v / num_micro for k, v in metrics.items()}
@@ -179,15 +217,14 @@ def measure_gaps(stats: curriculum.GapStats, student: Params, teacher: Params, b
                  *, cfg: StepConfig) -> curriculum.GapStats:
     """Add one batch's per-sequence gaps (forward only) to the epoch's running sums."""
     def one(stats, micro):
-        ids, mask, labels = micro
-        hs, _ = decoder.forward(student, cfg.student, ids, mask, compute_dtype=cfg.compute_dtype)
-        ht, _ = decoder.forward(teacher, cfg.teacher, ids, mask, compute_dtype=cfg.compute_dtype)
+        hs = pair_hidden(student, cfg.student, micro, compute_dtype=cfg.compute_dtype)
+        ht = pair_hidden(teacher, cfg.teacher, micro, compute_dtype=cfg.compute_dtype)
         seq = losses.chunked_sequence_logprobs(
             hs, decoder.output_head(student, cfg.student), ht, decoder.output_head(teacher, cfg.teacher),
-            labels, chunk_size=cfg.chunk_size, student_softcap=cfg.student.final_softcap,
+            loss_labels(micro.labels), chunk_size=cfg.chunk_size, student_softcap=cfg.student.final_softcap,
             teacher_softcap=cfg.teacher.final_softcap)
-        gap = curriculum.sequence_gaps(seq["student_logp_seq"], seq["teacher_logp_seq"], ids.shape[0] // 2)
+        gap = curriculum.sequence_gaps(seq["student_logp_seq"], seq["teacher_logp_seq"], micro.labels.shape[0] // 2)
         return curriculum.update_gap_stats(stats, gap, seq["tokens_seq"]), None
 
-    stats, _ = jax.lax.scan(one, stats, (batch.input_ids, batch.attention_mask, batch.labels))
+    stats, _ = jax.lax.scan(one, stats, batch)
     return stats

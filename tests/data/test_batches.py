@@ -5,7 +5,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from distillm2_jax.data import chat
-from distillm2_jax.data.batches import IGNORE_INDEX, collate_pairs, make_batch, truncate_pair
+from distillm2_jax.data.batches import (IGNORE_INDEX, TokenizedPair, collate_pairs,
+                                        collate_shared_prompts, make_batch, truncate_pair)
 from distillm2_jax.data.pairs import Pair
 from distillm2_jax.errors import UserError
 from tests.tiny_tokenizer import EOS_ID, PAD_ID, tiny_tokenizer, tiny_tokenizer_dir  # noqa: F401
@@ -78,6 +79,51 @@ def test_buckets_and_stacked_layout(tiny_tokenizer):
         np.testing.assert_array_equal(stacked[k].reshape(rows[k].shape), rows[k])
 
 
+def test_shared_prompt_layout_holds_the_rows_tokens_once_per_prompt(tiny_tokenizer):
+    """Each prompt once (left-padded), both responses right-padded, labels = response tokens."""
+    rows = make_batch(PAIRS, tiny_tokenizer, max_length=96, max_prompt_length=64)
+    b = make_batch(PAIRS, tiny_tokenizer, max_length=96, max_prompt_length=64, layout="shared_prompt")
+    assert b["prompt_ids"].shape == (3, 64) and b["response_ids"].shape == (2, 3, 32)
+    assert b["labels"].shape == b["response_mask"].shape == (2, 3, 32) and b["valid"].tolist() == [1] * 3
+    for row in range(6):
+        half, i = divmod(row, 3)
+        n = int(rows["attention_mask"][row].sum())
+        lp = int(b["prompt_mask"][i].sum())
+        lr = int(b["response_mask"][half, i].sum())
+        assert lp + lr == n
+        assert b["prompt_mask"][i].tolist() == [0] * (64 - lp) + [1] * lp   # left-padded
+        assert b["prompt_ids"][i, 64 - lp:].tolist() == rows["input_ids"][row, :lp].tolist()
+        assert (b["prompt_ids"][i, :64 - lp] == PAD_ID).all()
+        assert b["response_ids"][half, i, :lr].tolist() == rows["input_ids"][row, lp:n].tolist()
+        assert b["labels"][half, i].tolist() == rows["labels"][row, lp:lp + 32].tolist()
+
+
+def test_shared_prompt_layout_caps_responses_and_buckets_each_part(tiny_tokenizer):
+    pair = Pair([{"role": "user", "content": "q?"}], "ok " * 80, "no")
+    rows = make_batch([pair], tiny_tokenizer, max_length=128, max_prompt_length=64)
+    b = make_batch([pair], tiny_tokenizer, max_length=128, max_prompt_length=64, layout="shared_prompt")
+    lp = int(b["prompt_mask"][0].sum())
+    assert lp < 64 and int(rows["attention_mask"][0].sum()) == 128   # rows: 128 - lp response tokens
+    assert int(b["response_mask"][0, 0].sum()) == 64                  # shared: max_length - max_prompt_length
+    assert b["labels"][0, 0].tolist() == rows["labels"][0, lp:lp + 64].tolist()
+    bucketed = make_batch([pair], tiny_tokenizer, max_length=128, max_prompt_length=64,
+                          layout="shared_prompt", length_buckets=(8, 16, 32, 48))
+    assert bucketed["prompt_ids"].shape[1] == min(x for x in (8, 16, 32, 48, 64) if x >= lp)
+    assert bucketed["response_ids"].shape[2] == 64    # no bucket holds 64 tokens: the cap
+    np.testing.assert_array_equal(bucketed["labels"], b["labels"])
+
+
+def test_shared_prompt_layout_masks_the_first_label_after_an_empty_prompt():
+    pairs = [TokenizedPair(np.zeros(0, np.int32), np.array([5, 6, 7], np.int32), np.array([8], np.int32)),
+             TokenizedPair(np.array([3], np.int32), np.array([9], np.int32), np.zeros(0, np.int32))]
+    b = collate_shared_prompts(pairs, max_prompt_length=2, max_response_length=3, pad_id=0)
+    assert b["labels"][:, 0].tolist() == [[IGNORE_INDEX, 6, 7], [IGNORE_INDEX] * 3]   # nothing predicts 5 or 8
+    assert b["labels"][:, 1].tolist() == [[9, IGNORE_INDEX, IGNORE_INDEX], [IGNORE_INDEX] * 3]
+    assert b["prompt_mask"].tolist() == [[0, 0], [0, 1]]
+    with pytest.raises(ValueError, match="max_response_length"):
+        collate_shared_prompts(pairs, max_prompt_length=2, max_response_length=2, pad_id=0)
+
+
 def test_length_limits_are_checked(tiny_tokenizer):
     with pytest.raises(UserError, match="must be smaller"):
         make_batch(PAIRS, tiny_tokenizer, max_length=64, max_prompt_length=64)
@@ -103,3 +149,7 @@ def test_truncation_properties(lp, lc, lr, max_prompt, extra, bos):
     for full, got in ((chosen, tp.chosen_ids.tolist()), (rejected, tp.rejected_ids.tolist())):
         assert got == full[:max_length - len(p)]  # responses keep their START
         assert len(p) + len(got) <= max_length
+    capped = truncate_pair(prompt, chosen, rejected, max_length=max_length, max_prompt_length=max_prompt,
+                           bos_id=9 if bos else None, max_response_length=extra)
+    assert capped.prompt_ids.tolist() == p
+    assert capped.chosen_ids.tolist() == chosen[:min(extra, max_length - len(p))]

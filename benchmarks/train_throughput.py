@@ -8,7 +8,9 @@ global-norm clipping at 1.0 and an AdamW update (lr 5e-5, cosine with 10% warm-u
 decay: the project's defaults, which are also HF Trainer's).
 
 * ours: `distillm2_jax.train.step.train_step` jitted as `Trainer.compile_step` does (explicit
-  shardings on a one-device mesh, donated state), `objective="distillm2"`,
+  shardings on a one-device mesh, donated state), on the same pairs in the trainer's
+  shared-prompt layout (each pair's prompt runs once through each model; `models.forward_pairs`),
+  `objective="distillm2"`,
   `normalization="authors_code"` (the same loss value as theirs), chunked fused loss (no
   [2B, T, V] array). The step is compiled with the curriculum present (`curriculum=True`, as a
   default run is); "curriculum off" is the epoch-1 step (`curriculum_on=False`, fixed a0),

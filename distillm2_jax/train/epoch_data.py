@@ -54,12 +54,25 @@ class EpochData:
             raise UserError(f"data.prompts is required to generate {what} responses "
                             f"(or give data.pairs / data.teacher_responses)")
         self.log(f"generating {what} responses -> {out}")
+        self._warn_if_responses_outgrow_training(what)
         generate_file(model, self.cfg.data.prompts, out, tokenizer=self.tokenizer,
                       temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
                       max_new_tokens=g.max_new_tokens, max_prompt_length=self.cfg.data.max_prompt_length,
                       seed=seed, batch_size=g.batch_size, progress=self.cfg.logging.progress,
                       mesh=self.mesh, model_name=what)
         return out
+
+    def _warn_if_responses_outgrow_training(self, what: str) -> None:
+        """Training keeps at most max_length - max_prompt_length response tokens (the
+        shared-prompt layout); say so once when generation may produce longer responses."""
+        d, g = self.cfg.data, self.cfg.generation
+        budget = d.max_length - d.max_prompt_length
+        if g.max_new_tokens + 1 > budget and not getattr(self, "_warned_budget", False):
+            self._warned_budget = True
+            self.log(f"note: generation.max_new_tokens={g.max_new_tokens} plus the end-of-turn token exceeds "
+                     f"the {budget} response tokens training keeps (data.max_length - data.max_prompt_length); "
+                     f"longer {what} responses are cut there and lose their end-of-turn. Raise data.max_length "
+                     f"or lower generation.max_new_tokens to avoid it")
 
     def teacher_responses(self, teacher) -> Path:
         """Given, or generated once per run (the file is complete after the first epoch)."""

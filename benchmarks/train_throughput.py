@@ -97,14 +97,17 @@ def make_batch(pairs: int, seq: int, prompt: int, vocab: int, seed: int = 0):
     return ids, mask, labels
 
 
-def shared_prompt_layout(ids, mask, labels, pairs: int, prompt: int):
-    """The same batch as the train step takes it (`train.step.Batch`): prompts [B, P] stored
-    once (rows b and B + b share theirs), responses and labels [2B, T - P] pair-major."""
+def shared_prompt_batch(ids, pairs: int, prompt: int) -> dict:
+    """The same pairs collated as the trainer's loader does (`collate_shared_prompts`): each
+    prompt stored once (rows b and B + b share theirs), responses [2, B, T - P]."""
     import numpy as np
 
-    def pair_major(x):
-        return np.stack([x[:pairs, prompt:], x[pairs:, prompt:]], axis=1).reshape(2 * pairs, -1)
-    return ids[:pairs, :prompt], mask[:pairs, :prompt], pair_major(ids), pair_major(mask), pair_major(labels)
+    from distillm2_jax.data.batches import TokenizedPair, collate_shared_prompts
+
+    tokenized = [TokenizedPair(ids[b, :prompt], ids[b, prompt:], ids[pairs + b, prompt:]) for b in range(pairs)]
+    seq = ids.shape[1]
+    return {k: np.asarray(v) for k, v in collate_shared_prompts(
+        tokenized, max_prompt_length=prompt, max_response_length=seq - prompt, pad_id=0).items()}
 
 
 def emit(event: str, **data) -> None:
@@ -269,8 +272,8 @@ def ours_worker(spec: dict) -> None:
     from distillm2_jax.config import OptimSection
     from distillm2_jax.models import decoder
     from distillm2_jax.train.optimizer import make_optimizer
-    from distillm2_jax.train.step import (Batch, StepConfig, StepInputs, TrainState, loss_labels, pair_hidden,
-                                          train_step)
+    from distillm2_jax.train.loop import _batch_shardings, _micro_batches, _to_global
+    from distillm2_jax.train.step import StepConfig, StepInputs, TrainState, loss_labels, pair_hidden, train_step
 
     t0 = time.perf_counter()
     mesh = shd.make_mesh((-1, 1, 1))
@@ -292,18 +295,16 @@ def ours_worker(spec: dict) -> None:
     del trainable
     state_sh = jax.tree.map(lambda x: x.sharding, state)
     replicated = NamedSharding(mesh, P())
-    batch_sh = NamedSharding(mesh, P(None, shd.batch_axes(mesh), None))
 
     def step(state, frozen, teacher, batch, inputs):
-        return train_step(state, frozen, teacher, batch, inputs, cfg=cfg, tx=tx)
+        return train_step(state, frozen, teacher, _micro_batches(batch, 1, mesh), inputs, cfg=cfg, tx=tx)
 
     step_jit = jax.jit(step, in_shardings=(state_sh, jax.tree.map(lambda x: x.sharding, frozen),
                                            jax.tree.map(lambda x: x.sharding, teacher_params),
-                                           Batch(*[batch_sh] * 5), replicated),
+                                           _batch_shardings(mesh), replicated),
                        out_shardings=(state_sh, replicated), donate_argnums=(0,))
-    ids, mask, labels = make_batch(spec["pairs"], spec["seq"], spec["prompt"], spec["student"]["vocab_size"])
-    batch = Batch(*(jax.device_put(np.asarray(x, np.int32)[None], batch_sh)
-                    for x in shared_prompt_layout(ids, mask, labels, spec["pairs"], spec["prompt"])))
+    ids, _, _ = make_batch(spec["pairs"], spec["seq"], spec["prompt"], spec["student"]["vocab_size"])
+    batch = _to_global(shared_prompt_batch(ids, spec["pairs"], spec["prompt"]), mesh)
 
     def inputs_for(i: int, on: bool) -> StepInputs:
         key = jax.random.key_data(jax.random.fold_in(jax.random.key(0), i))
@@ -330,7 +331,7 @@ def ours_worker(spec: dict) -> None:
     def profile():
         """Time each piece of the step as its own jitted function (each after a compile run)."""
         dtype = spec["dtype"]
-        micro = jax.tree.map(lambda x: x[0], batch)
+        micro = jax.tree.map(lambda x: x[0], jax.jit(lambda b: _micro_batches(b, 1, mesh))(batch))
         lab2 = loss_labels(micro.labels)
         sp = state.trainable
         scfg, tcfg = cfg.student, cfg.teacher

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import re
 
-_HASHES = re.compile(r"####\s*(.+)")
-_ANSWER_IS = re.compile(r"answer(?:\s+is|\s*:)\s*(.+)", re.IGNORECASE)
-_HASHES_MARK = re.compile(r"####")
-_ANSWER_IS_MARK = re.compile(r"answer(?:\s+is|\s*:)", re.IGNORECASE)
+# The capture may be empty: a marker with nothing after it.
+_HASHES = re.compile(r"####\s*(.*)")
+_ANSWER_IS = re.compile(r"answer(?:\s+is|\s*:)\s*(.*)", re.IGNORECASE)
 
 
 def _last_boxed(text: str) -> str | None:
@@ -52,12 +51,12 @@ def extract_answer(response: str) -> str | None:
         return _clean(boxed)
     if "\\boxed{" in response:
         return None
-    for pattern, marker in ((_HASHES, _HASHES_MARK), (_ANSWER_IS, _ANSWER_IS_MARK)):
+    for pattern in (_HASHES, _ANSWER_IS):
         hits = pattern.findall(response)
         if hits:
-            return _clean(hits[-1].splitlines()[0])
-        if marker.search(response):
-            return None  # a marker with nothing after it: malformed, not an answer
+            answers = [h for h in hits if h.strip()]
+            # only empty markers: malformed, not an answer
+            return _clean(answers[-1]) if answers else None
     lines = [ln for ln in response.strip().splitlines() if ln.strip()]
     if len(lines) != 1:
         return None

@@ -179,11 +179,13 @@ def _acceptance_sums(dparams, dcfg, tparams, tcfg, input_ids, attention_mask, la
     def heads(hd_c, ht_c, lab_c):
         m_c = lab_c != losses.IGNORE_INDEX
         draft_logits = decoder.logits_from_hidden(dparams, dcfg, hd_c)
-        lq = jax.nn.log_softmax(draft_logits[..., :vocab], axis=-1)
+        lq_whole = jax.nn.log_softmax(draft_logits, axis=-1)
+        # Over the tokenizer's ids only when the head has padding rows (else the same array).
+        lq = lq_whole if draft_logits.shape[-1] == vocab else jax.nn.log_softmax(draft_logits[..., :vocab], axis=-1)
         lp = jax.nn.log_softmax(decoder.logits_from_hidden(tparams, tcfg, ht_c), axis=-1)
         accept = jnp.sum(jnp.minimum(jnp.exp(lp), jnp.exp(lq)), axis=-1)
         agree = jnp.argmax(lp, axis=-1) == jnp.argmax(lq, axis=-1)
-        label_lq = jnp.take_along_axis(jax.nn.log_softmax(draft_logits, axis=-1), jnp.where(m_c, lab_c, 0)[..., None], axis=-1)[..., 0]
+        label_lq = jnp.take_along_axis(lq_whole, jnp.where(m_c, lab_c, 0)[..., None], axis=-1)[..., 0]
         m_c = m_c.astype(jnp.float32)
         return (jnp.sum(accept.astype(jnp.float32) * m_c), jnp.sum(agree * m_c), jnp.sum(m_c),
                 -jnp.sum(label_lq.astype(jnp.float32) * m_c))

@@ -12,6 +12,8 @@ from distillm2_jax import answers
     ("answer: Paris", "Paris"),
     ("  blue  ", "blue"),
     ("$5$", "5"),
+    ("#### 72\n####", "72"),                        # an empty marker after an answer: the answer
+    ("####\n72", "72"),                             # the answer on the next line
 ])
 def test_extract(response, expected):
     assert answers.extract_answer(response) == expected

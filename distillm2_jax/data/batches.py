@@ -216,14 +216,13 @@ def make_batch(pairs: Sequence[Pair], tokenizer, *, max_length: int, max_prompt_
                length_buckets: Sequence[int] | None = None, layout: str = "rows",
                plain_fallback: bool = False) -> dict[str, np.ndarray]:
     """Tokenise and collate B pairs in one call (tests, evaluation, small runs)."""
-    if layout == "shared_prompt":
-        tok = PairTokenizer(tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
-                            plain_fallback=plain_fallback,
-                            max_response_length=max_length - max_prompt_length)
-        return collate_shared_prompts(tok.tokenize(pairs), max_prompt_length=max_prompt_length,
-                                      max_response_length=max_length - max_prompt_length,
-                                      pad_id=tok.pad_id, length_buckets=length_buckets)
+    shared = layout == "shared_prompt"
+    max_response = max_length - max_prompt_length if shared else None
     tok = PairTokenizer(tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
-                        plain_fallback=plain_fallback)
+                        plain_fallback=plain_fallback, max_response_length=max_response)
+    if shared:
+        return collate_shared_prompts(tok.tokenize(pairs), max_prompt_length=max_prompt_length,
+                                      max_response_length=max_response, pad_id=tok.pad_id,
+                                      length_buckets=length_buckets)
     return collate_pairs(tok.tokenize(pairs), max_length=max_length, pad_id=tok.pad_id,
                          length_buckets=length_buckets, layout=layout)

@@ -220,6 +220,14 @@ def _blocked_attention(cfg: ModelConfig, q, k, v, mask, dtype, key_offset: int =
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, cfg.num_heads * cfg.head_dim)
 
 
+def _position_qk(cfg: ModelConfig, p: Params, q, k, cos, sin):
+    """Qwen3's per-head q/k norms (when configured), then rotary embeddings."""
+    if cfg.qk_norm:
+        q = rms_norm(q, p["q_norm"], cfg.rms_norm_eps, False)
+        k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps, False)
+    return rope.apply(q, cos, sin), rope.apply(k, cos, sin)
+
+
 def attention(cfg: ModelConfig, p: Params, x: jax.Array, cos, sin, mask: jax.Array,
               kv: tuple[jax.Array, jax.Array] | None, index: jax.Array | None):
     """Grouped-query attention of x [B, T, H] over T new tokens (and the cached slots).
@@ -235,10 +243,7 @@ def attention(cfg: ModelConfig, p: Params, x: jax.Array, cos, sin, mask: jax.Arr
     q = linear(x, p, "q").reshape(B, T, Hq, D)
     k = linear(x, p, "k").reshape(B, T, Hkv, D)
     v = linear(x, p, "v").reshape(B, T, Hkv, D)
-    if cfg.qk_norm:
-        q = rms_norm(q, p["q_norm"], cfg.rms_norm_eps, False)
-        k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps, False)
-    q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
+    q, k = _position_qk(cfg, p, q, k, cos, sin)
     new_kv = None
     if kv is not None:
         cache_k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
@@ -278,6 +283,21 @@ def block(cfg: ModelConfig, p: Params, x, cos, sin, mask, kv, index):
 
 # ----------------------------------------------------------------------------- forward
 
+def _embed(params: Params, cfg: ModelConfig, ids: jax.Array, dtype) -> jax.Array:
+    """Token embeddings in the compute dtype (Gemma scales them by sqrt(hidden))."""
+    x = jnp.take(params["embed"], ids, axis=0).astype(dtype)
+    return x * jnp.asarray(cfg.hidden_size ** 0.5, dtype=dtype) if cfg.embed_scale else x
+
+
+def _with_remat(body, remat: str):
+    """The layer-scan body under the named `REMAT_POLICIES` policy ("none": as is)."""
+    if REMAT_POLICIES.get(remat, "missing") == "missing":
+        raise ValueError(f"remat '{remat}' is not one of {sorted(REMAT_POLICIES)}")
+    if remat == "none":
+        return body
+    return jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
+
+
 def positions_from_mask(attention_mask: jax.Array, offset: jax.Array | None = None) -> jax.Array:
     """Position ids that count only real tokens (left or right padding), as HF generate does."""
     pos = jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1
@@ -316,9 +336,7 @@ def forward(params: Params, cfg: ModelConfig, input_ids: jax.Array,
     distance = q_slot[:, None] - k_slot[None, :]                  # [T, S]
     base_mask = key_valid[:, None, :] & (distance >= 0)[None]     # [B, T, S]
 
-    x = jnp.take(params["embed"], input_ids, axis=0).astype(cdt)
-    if cfg.embed_scale:
-        x = x * jnp.asarray(cfg.hidden_size ** 0.5, dtype=cdt)
+    x = _embed(params, cfg, input_ids, cdt)
     cos, sin = rope.cos_sin(cfg, positions)
     windows = jnp.asarray(cfg.layer_windows, jnp.int32)
 
@@ -328,21 +346,12 @@ def forward(params: Params, cfg: ModelConfig, input_ids: jax.Array,
         x, new_kv = block(cfg, p, x, cos, sin, base_mask & in_window[None], layer_kv, index)
         return x, new_kv
 
-    policy = _check_remat(remat)
-    if remat != "none":
-        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-    x, new_kv = jax.lax.scan(body, x, (params["layers"], windows, kv))
+    x, new_kv = jax.lax.scan(_with_remat(body, remat), x, (params["layers"], windows, kv))
     hidden = rms_norm(x, params["final_norm"], cfg.rms_norm_eps, cfg.norm_plus_one)
     if cache is None:
         return hidden, None
     new_cache = KVCache(new_kv[0], new_kv[1], key_valid, cache.index + T)
     return hidden, new_cache
-
-
-def _check_remat(remat: str):
-    if REMAT_POLICIES.get(remat, "missing") == "missing":
-        raise ValueError(f"remat '{remat}' is not one of {sorted(REMAT_POLICIES)}")
-    return REMAT_POLICIES[remat]
 
 
 def _pair_attention(cfg: ModelConfig, p: Params, x: jax.Array, prompt_len: int, ropes, masks):
@@ -361,12 +370,8 @@ def _pair_attention(cfg: ModelConfig, p: Params, x: jax.Array, prompt_len: int, 
         return y[:, :P], y[:, P:].reshape(2 * B, R, n, D)
 
     (qp, qr), (kp, kr), (vp, vr) = heads("q", Hq), heads("k", Hkv), heads("v", Hkv)
-    if cfg.qk_norm:
-        norm = lambda t, w: rms_norm(t, p[w], cfg.rms_norm_eps, False)  # noqa: E731
-        qp, qr, kp, kr = norm(qp, "q_norm"), norm(qr, "q_norm"), norm(kp, "k_norm"), norm(kr, "k_norm")
-    (cos_p, sin_p), (cos_r, sin_r) = ropes
-    qp, kp = rope.apply(qp, cos_p, sin_p), rope.apply(kp, cos_p, sin_p)
-    qr, kr = rope.apply(qr, cos_r, sin_r), rope.apply(kr, cos_r, sin_r)
+    qp, kp = _position_qk(cfg, p, qp, kp, *ropes[0])
+    qr, kr = _position_qk(cfg, p, qr, kr, *ropes[1])
     out_p = _blocked_attention(cfg, qp, kp, vp, masks[0], x.dtype)
     k_all = jnp.concatenate([jnp.repeat(kp, 2, axis=0), kr], axis=1)  # [2B, P + R, Hkv, D]
     v_all = jnp.concatenate([jnp.repeat(vp, 2, axis=0), vr], axis=1)
@@ -405,12 +410,9 @@ def forward_pairs(params: Params, cfg: ModelConfig, prompt_ids: jax.Array, promp
     mask_p = pmask[:, None, :] & (dist_p >= 0)[None]
     mask_r = jnp.concatenate([jnp.repeat(pmask, 2, axis=0), rmask], axis=1)[:, None, :] & (dist_r >= 0)[None]
 
-    def embed(ids):
-        x = jnp.take(params["embed"], ids, axis=0).astype(cdt)
-        return x * jnp.asarray(cfg.hidden_size ** 0.5, dtype=cdt) if cfg.embed_scale else x
-
     H = cfg.hidden_size
-    x = jnp.concatenate([embed(prompt_ids), embed(response_ids).reshape(B, 2 * R, H)], axis=1)
+    x = jnp.concatenate([_embed(params, cfg, prompt_ids, cdt),
+                         _embed(params, cfg, response_ids, cdt).reshape(B, 2 * R, H)], axis=1)
     ropes = (rope.cos_sin(cfg, pos_p), rope.cos_sin(cfg, pos_r))
     windows = jnp.asarray(cfg.layer_windows, jnp.int32)
 
@@ -421,10 +423,7 @@ def forward_pairs(params: Params, cfg: ModelConfig, prompt_ids: jax.Array, promp
         x, _ = _residual_layer(cfg, p, x, lambda h: _pair_attention(cfg, p, h, P, ropes, masks))
         return x, None
 
-    policy = _check_remat(remat)
-    if remat != "none":
-        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-    x, _ = jax.lax.scan(body, x, (params["layers"], windows))
+    x, _ = jax.lax.scan(_with_remat(body, remat), x, (params["layers"], windows))
     hidden = rms_norm(x, params["final_norm"], cfg.rms_norm_eps, cfg.norm_plus_one)
     return hidden[:, :P], hidden[:, P:].reshape(N, R, H)
 

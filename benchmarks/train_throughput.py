@@ -14,7 +14,9 @@ decay: the project's defaults, which are also HF Trainer's).
   `normalization="authors_code"` (the same loss value as theirs), chunked fused loss (no
   [2B, T, V] array). The step is compiled with the curriculum present (`curriculum=True`, as a
   default run is); "curriculum off" is the epoch-1 step (`curriculum_on=False`, fixed a0),
-  "on" the epoch >= 2 step (per-row a, one extra forward head pass for the gaps).
+  "on" the epoch >= 2 step (per-row a: one extra forward pass of the student's head for the
+  gaps, with the teacher's per-sequence log-probs given, as the trainer computes them once per
+  epoch).
 * theirs: `AutoModelForCausalLM.from_config` with the SAME configs, teacher under
   `torch.no_grad()`, `.logits` of both halves in float32, log-softmax, SKL/SRKL with the
   mixtures in probability space (a*p + (1-a)*q, student stop-gradient inside the SRKL mixture),
@@ -273,7 +275,8 @@ def ours_worker(spec: dict) -> None:
     from distillm2_jax.models import decoder
     from distillm2_jax.train.optimizer import make_optimizer
     from distillm2_jax.train.loop import _batch_shardings, _micro_batches, _to_global
-    from distillm2_jax.train.step import StepConfig, StepInputs, TrainState, loss_labels, pair_hidden, train_step
+    from distillm2_jax.train.step import (StepConfig, StepInputs, TrainState, loss_labels, pair_hidden,
+                                          teacher_sequence_logprobs, train_step)
 
     t0 = time.perf_counter()
     mesh = shd.make_mesh((-1, 1, 1))
@@ -306,9 +309,16 @@ def ours_worker(spec: dict) -> None:
     ids, _, _ = make_batch(spec["pairs"], spec["seq"], spec["prompt"], spec["student"]["vocab_size"])
     batch = _to_global(shared_prompt_batch(ids, spec["pairs"], spec["prompt"]), mesh)
 
+    # The teacher's per-sequence log-probs, which the trainer computes once per epoch (with m) and
+    # passes to every step of the epoch: the step's curriculum gap pass runs the student's head only.
+    teacher_logps = jax.jit(lambda tp, b: teacher_sequence_logprobs(tp, _micro_batches(b, 1, mesh), cfg=cfg),
+                            out_shardings=replicated)(teacher_params, batch)
+    no_teacher_logps = jnp.zeros_like(teacher_logps)
+
     def inputs_for(i: int, on: bool) -> StepInputs:
         key = jax.random.key_data(jax.random.fold_in(jax.random.key(0), i))
-        return StepInputs(jnp.float32(BETA), jnp.float32(REF_GAP), key, jnp.bool_(on))
+        return StepInputs(jnp.float32(BETA), jnp.float32(REF_GAP), key, jnp.bool_(on),
+                          teacher_logps if on else no_teacher_logps)
 
     setup_s = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -375,8 +385,10 @@ def ours_worker(spec: dict) -> None:
             u, o = tx.update(g, o, p)
             return optax.apply_updates(p, u), o
         res["clip + AdamW update (optax)"] = timed(jax.jit(update), sp, state.opt_state, grads)
-        seq = jax.jit(lambda hs, ws: losses.chunked_sequence_logprobs(hs, ws, ht, wt, lab2, chunk_size=spec["chunk"]))
-        res["curriculum gap pass (on only)"] = timed(seq, hs, ws)
+        seq = jax.jit(lambda hs, ws: losses.chunked_sequence_logprobs(hs, ws, None, None, lab2, chunk_size=spec["chunk"]))
+        res["curriculum gap pass (on only; student head)"] = timed(seq, hs, ws)
+        both = jax.jit(lambda hs, ws: losses.chunked_sequence_logprobs(hs, ws, ht, wt, lab2, chunk_size=spec["chunk"]))
+        res["curriculum gap pass, both heads (not run: the teacher's values are per epoch)"] = timed(both, hs, ws)
         return res
 
     serve({"step": run, "profile": profile})

@@ -741,7 +741,7 @@ def first_label(lab: jax.Array) -> jax.Array:
 
 
 def chunked_sequence_logprobs(student_hidden: jax.Array, student_head: jax.Array,
-                              teacher_hidden: jax.Array, teacher_head: jax.Array,
+                              teacher_hidden: jax.Array | None, teacher_head: jax.Array | None,
                               labels: jax.Array, *, chunk_size: int = 128,
                               student_softcap: float | None = None,
                               teacher_softcap: float | None = None) -> dict[str, jax.Array]:
@@ -749,13 +749,19 @@ def chunked_sequence_logprobs(student_hidden: jax.Array, student_head: jax.Array
 
     For the a curriculum, which needs the current batch's gaps before the loss: one extra head
     matmul + logsumexp per model (no backward). [N, T, H], [H, V] (x2), [N, T] ->
-    {"student_logp_seq": [N], "teacher_logp_seq": [N], "tokens_seq": [N]}.
+    {"student_logp_seq": [N], "teacher_logp_seq": [N], "tokens_seq": [N]}. With no teacher
+    (teacher_hidden = teacher_head = None) only the given model's head runs, and the result has
+    no "teacher_logp_seq": the trainer computes a frozen teacher's values once per epoch this
+    way (pass the teacher as the "student").
     """
     n = student_hidden.shape[0]
     if n % 2:
         raise ValueError(f"student_hidden: expected an even number of rows (2B), got {n}")
-    _, m = chunked_objective("dpkd", _sg(student_hidden), _sg(student_head), teacher_hidden,
-                             teacher_head, labels, num_pairs=n // 2, chunk_size=chunk_size,
-                             student_softcap=student_softcap, teacher_softcap=teacher_softcap,
-                             grad_mode="remat")
-    return {k: m[k] for k in ("student_logp_seq", "teacher_logp_seq", "tokens_seq")}
+    has_teacher = teacher_hidden is not None
+    _, m = chunked_objective("dpkd" if has_teacher else "sft", _sg(student_hidden), _sg(student_head),
+                             teacher_hidden, teacher_head, labels, num_pairs=n // 2,
+                             chunk_size=chunk_size, student_softcap=student_softcap,
+                             teacher_softcap=teacher_softcap, grad_mode="remat")
+    keys = ("student_logp_seq", "teacher_logp_seq", "tokens_seq") if has_teacher else (
+        "student_logp_seq", "tokens_seq")
+    return {k: m[k] for k in keys}

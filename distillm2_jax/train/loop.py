@@ -26,7 +26,8 @@ from distillm2_jax.errors import UserError
 from distillm2_jax.train import epoch_data
 from distillm2_jax.train.checkpoint import Checkpointer
 from distillm2_jax.train.optimizer import make_optimizer
-from distillm2_jax.train.step import Batch, StepConfig, StepInputs, TrainState, combine, measure_gaps, train_step
+from distillm2_jax.train.step import (Batch, StepConfig, StepInputs, TrainState, combine, measure_gaps,
+                                      teacher_sequence_logprobs, train_step)
 
 TEACHER_FREE = ("seqkd", "sft")
 
@@ -196,14 +197,22 @@ class Trainer:
                        out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
     def compile_measure(self, num_micro: int):
+        """(teacher_logprobs(teacher, batch) -> [A, 2b], measure(stats, trainable, frozen, batch,
+        teacher_logp_seq) -> stats): the curriculum's two forward-only passes."""
         cfg = self.step_config()
         mesh = self.mesh
-
-        def measure(stats, trainable, frozen, teacher, batch):
-            return measure_gaps(stats, combine(trainable, frozen), teacher, _micro_batches(batch, num_micro, mesh), cfg=cfg)
         replicated = NamedSharding(mesh, P())
-        return jax.jit(measure, in_shardings=(replicated, None, None, None, _batch_shardings(mesh)),
-                       out_shardings=replicated)
+        batch_sh = _batch_shardings(mesh)
+
+        def teacher_logprobs(teacher, batch):
+            return teacher_sequence_logprobs(teacher, _micro_batches(batch, num_micro, mesh), cfg=cfg)
+
+        def measure(stats, trainable, frozen, batch, teacher_logp_seq):
+            return measure_gaps(stats, combine(trainable, frozen), None, _micro_batches(batch, num_micro, mesh),
+                                cfg=cfg, teacher_logp_seq=teacher_logp_seq)
+        return (jax.jit(teacher_logprobs, in_shardings=(None, batch_sh), out_shardings=replicated),
+                jax.jit(measure, in_shardings=(replicated, None, None, batch_sh, replicated),
+                        out_shardings=replicated))
 
     # ------------------------------------------------------------------ the run
     def run(self, *, max_steps: int | None = None) -> RunResult:
@@ -252,6 +261,10 @@ class Trainer:
         history: list[dict] = []
         step_fn = None
         preempted = False
+        # The step's teacher_logp_seq input while the curriculum is off (one program for all epochs).
+        no_teacher_logps = None
+        if self.step_config().curriculum:
+            no_teacher_logps = jnp.zeros((num_micro, 2 * (tcfg.global_batch // num_micro)), jnp.float32)
         last_saved = int(state.step)
         with _Preemption() as preemption, writer:
             for epoch in range(meta["epoch"], tcfg.epochs):
@@ -260,12 +273,10 @@ class Trainer:
                     epoch, teacher=self.teacher, student=self.current_student(state))
                 loader = epoch_data.make_loader(cfg, pairs, self.tokenizer, epoch)
                 curriculum_on = (epoch > 0 and cfg.objective.curriculum and cfg.objective.name == "distillm2")
-                ref_gap = 0.0
+                ref_gap, teacher_logps = 0.0, None
                 if curriculum_on:
-                    if resuming and meta.get("ref_gap") is not None:
-                        ref_gap = meta["ref_gap"]
-                    else:
-                        ref_gap = self._measure_reference(state, loader, steps_per_epoch, num_micro)
+                    ref_gap, teacher_logps = self._epoch_curriculum(
+                        state, loader, meta if resuming else None, steps_per_epoch, num_micro)
                     self.log(f"epoch {epoch + 1}: curriculum on, reference gap m = {ref_gap:.5f}")
                 iterator = loader.iterator(meta["iterator"] if resuming else None)
                 start = meta["batch"] if resuming else 0
@@ -279,7 +290,8 @@ class Trainer:
                     beta = self.objective_beta(step, total_steps, epoch, steps_per_epoch)
                     inputs = StepInputs(jnp.float32(beta), jnp.float32(ref_gap),
                                         jax.random.key_data(jax.random.fold_in(jax.random.key(cfg.seed), step)),
-                                        jnp.bool_(curriculum_on))
+                                        jnp.bool_(curriculum_on),
+                                        teacher_logps[b] if curriculum_on else no_teacher_logps)
                     state, metrics = step_fn(state, self.frozen, self.teacher_params, batch, inputs)
                     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     if not math.isfinite(metrics["loss"]):
@@ -319,16 +331,32 @@ class Trainer:
         return RunResult(self.run_dir, int(state.step), epochs_done, preempted,
                          history[-1] if history else {}, history)
 
-    def _measure_reference(self, state, loader, steps_per_epoch: int, num_micro: int) -> float:
-        """m: the mean gap over this epoch's data under the current student (all processes)."""
-        if not hasattr(self, "_measure_fn"):
-            self._measure_fn = self.compile_measure(num_micro)
+    def _epoch_curriculum(self, state, loader, resume_meta: dict | None, steps_per_epoch: int,
+                          num_micro: int) -> tuple[float, list]:
+        """(m, the teacher's per-sequence log-probs of each batch) for an epoch with the curriculum on.
+
+        One pass over the epoch's batches, in training order, runs the frozen teacher once per
+        batch (`teacher_sequence_logprobs`, kept for the steps: the step's gap pass then runs the
+        student's head only) and the current student (the gaps whose mean is m). Resuming with m
+        saved, only the remaining batches' teacher values are recomputed, by the same program, so
+        the resumed steps see the values an uninterrupted run saw.
+        """
+        if not hasattr(self, "_measure_fns"):
+            self._measure_fns = self.compile_measure(num_micro)
+        teacher_fn, measure_fn = self._measure_fns
+        teacher_logps: list = [None] * steps_per_epoch
+        if resume_meta is not None and resume_meta.get("ref_gap") is not None:
+            iterator = loader.iterator(resume_meta["iterator"])
+            for b in range(resume_meta["batch"], steps_per_epoch):
+                teacher_logps[b] = teacher_fn(self.teacher_params, _to_global(next(iterator), self.mesh))
+            return float(resume_meta["ref_gap"]), teacher_logps
         stats = jax.device_put(curriculum.init_gap_stats(), NamedSharding(self.mesh, P()))
         iterator = loader.iterator()
-        for _ in range(steps_per_epoch):
+        for b in range(steps_per_epoch):
             batch = _to_global(next(iterator), self.mesh)
-            stats = self._measure_fn(stats, state.trainable, self.frozen, self.teacher_params, batch)
-        return float(curriculum.reference_gap(stats))
+            teacher_logps[b] = teacher_fn(self.teacher_params, batch)
+            stats = measure_fn(stats, state.trainable, self.frozen, batch, teacher_logps[b])
+        return float(curriculum.reference_gap(stats)), teacher_logps
 
 
 def _record_config(cfg, path: Path) -> None:

@@ -6,7 +6,10 @@ runs once, its two responses attend to it), the per-row skew `alpha` from the cu
 (when on), and the chunked objective from hidden states and output heads (no [2B, T, V] array);
 then the optax update. Schedules (b, the curriculum reference m) are traced scalar inputs, so
 changing them never recompiles, and whether the curriculum is on is a traced flag under
-`lax.cond` (one program; epoch 1 does not pay for the curriculum's extra head pass).
+`lax.cond` (one program; epoch 1 does not pay for the curriculum's extra head pass). The
+curriculum's gaps need the teacher's per-sequence log-probs, which are fixed within an epoch:
+the trainer passes them in (`teacher_sequence_logprobs`, run at the epoch start), so the extra
+pass runs the student's head only.
 """
 from __future__ import annotations
 
@@ -79,11 +82,16 @@ def pair_hidden(params: Params, cfg: ModelConfig, micro: Batch, *, compute_dtype
 
 
 class StepInputs(NamedTuple):
-    """Traced per-step scalars (changing them never recompiles)."""
+    """Traced per-step inputs (changing their values never recompiles)."""
     beta: jax.Array           # [] CALD b (or the objective's beta)
     ref_gap: jax.Array        # [] curriculum reference m
     key: jax.Array            # PRNG key data for LoRA dropout, uint32 [2]
     curriculum_on: jax.Array  # [] bool: per-row a from the curriculum (epoch >= 2) or fixed a0
+    # [A, 2b] float32: the frozen teacher's per-sequence mean label log-probs of this batch
+    # (`teacher_sequence_logprobs`, in the `losses` row order of each micro-batch). They are fixed
+    # within an epoch, so the trainer computes them once, at the epoch start, and the curriculum's
+    # per-step gap pass runs the student's head only. None: the step computes them itself.
+    teacher_logp_seq: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +132,18 @@ def _with_lora_dropout(params: Params, cfg: StepConfig, key: jax.Array) -> Param
     return {**params, "layers": layers}
 
 
+def _sequence_logprobs(hs, ws, ht, wt, labels, teacher_logp_seq, cfg: StepConfig) -> dict:
+    """Per-sequence label log-probs of both models for the curriculum's gaps; with the teacher's
+    given (`teacher_logp_seq` [2b]), only the student's head runs."""
+    if teacher_logp_seq is None:
+        return losses.chunked_sequence_logprobs(
+            hs, ws, ht, wt, labels, chunk_size=cfg.chunk_size, student_softcap=cfg.student.final_softcap,
+            teacher_softcap=cfg.teacher.final_softcap)
+    seq = losses.chunked_sequence_logprobs(hs, ws, None, None, labels, chunk_size=cfg.chunk_size,
+                                           student_softcap=cfg.student.final_softcap)
+    return {**seq, "teacher_logp_seq": teacher_logp_seq}
+
+
 def micro_loss(trainable: Params, frozen: Params, teacher: Params | None, cfg: StepConfig,
                micro: Batch, inputs: StepInputs, denominators: dict | None = None):
     """Loss and metrics of one micro-batch (a `Batch` without its leading A axis).
@@ -148,7 +168,7 @@ def micro_loss(trainable: Params, frozen: Params, teacher: Params | None, cfg: S
     alpha = jnp.full((rows,), cfg.alpha, jnp.float32)
     if cfg.curriculum and cfg.teacher is not None:
         def curriculum_alpha():
-            seq = losses.chunked_sequence_logprobs(hs, ws, ht, wt, labels, chunk_size=cfg.chunk_size, **softcaps)
+            seq = _sequence_logprobs(hs, ws, ht, wt, labels, inputs.teacher_logp_seq, cfg)
             a, _ = curriculum.curriculum_alpha(seq, inputs.ref_gap, enabled=True, a0=cfg.alpha, a_min=cfg.alpha_min)
             return jnp.broadcast_to(a, (rows,)).astype(jnp.float32)
         alpha = jax.lax.stop_gradient(jax.lax.cond(inputs.curriculum_on, curriculum_alpha, lambda: alpha))
@@ -185,9 +205,9 @@ def train_step(state: TrainState, frozen: Params, teacher: Params | None, batch:
 
     def accumulate(carry, xs):
         grads_sum, metrics_sum = carry
-        micro, i = xs
+        micro, i, teacher_logp_seq = xs
         step_inputs = inputs._replace(key=jax.random.key_data(
-            jax.random.fold_in(jax.random.wrap_key_data(inputs.key), i)))
+            jax.random.fold_in(jax.random.wrap_key_data(inputs.key), i)), teacher_logp_seq=teacher_logp_seq)
         (loss, metrics), grads = grad_fn(state.trainable, frozen, teacher, cfg, micro, step_inputs,
                                          denominators)
         metrics = {**_scalar_metrics(metrics), "loss": loss}
@@ -196,13 +216,15 @@ def train_step(state: TrainState, frozen: Params, teacher: Params | None, batch:
         return (grads_sum, metrics_sum), None
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.trainable)
+    first_lp = None if inputs.teacher_logp_seq is None else inputs.teacher_logp_seq[0]
     metric_shapes = jax.eval_shape(
         lambda: {**_scalar_metrics(micro_loss(state.trainable, frozen, teacher, cfg,
-                                              jax.tree.map(lambda x: x[0], batch), inputs)[1]),
+                                              jax.tree.map(lambda x: x[0], batch),
+                                              inputs._replace(teacher_logp_seq=first_lp))[1]),
                  "loss": jnp.float32(0)})
     metric_zeros = {k: jnp.full(v.shape, _INIT.get(k, 0.0), jnp.float32) for k, v in metric_shapes.items()}
     (grads, metrics), _ = jax.lax.scan(
-        accumulate, (zeros, metric_zeros), (batch, jnp.arange(num_micro)))
+        accumulate, (zeros, metric_zeros), (batch, jnp.arange(num_micro), inputs.teacher_logp_seq))
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.trainable)
     summed = _REDUCE.keys() | losses.ADDITIVE_METRICS | {"tokens"}
     metrics = {k: v if k in summed else v / num_micro for k, v in metrics.items()}
@@ -213,18 +235,38 @@ def train_step(state: TrainState, frozen: Params, teacher: Params | None, batch:
     return new_state, metrics
 
 
-def measure_gaps(stats: curriculum.GapStats, student: Params, teacher: Params, batch: Batch,
-                 *, cfg: StepConfig) -> curriculum.GapStats:
-    """Add one batch's per-sequence gaps (forward only) to the epoch's running sums."""
-    def one(stats, micro):
-        hs = pair_hidden(student, cfg.student, micro, compute_dtype=cfg.compute_dtype)
+def teacher_sequence_logprobs(teacher: Params, batch: Batch, *, cfg: StepConfig) -> jax.Array:
+    """The teacher's per-sequence mean label log-probs [A, 2b] of a batch (forward only), in the
+    `losses` row order of each micro-batch: `StepInputs.teacher_logp_seq` for a frozen teacher."""
+    def one(_, micro):
         ht = pair_hidden(teacher, cfg.teacher, micro, compute_dtype=cfg.compute_dtype)
         seq = losses.chunked_sequence_logprobs(
-            hs, decoder.output_head(student, cfg.student), ht, decoder.output_head(teacher, cfg.teacher),
-            loss_labels(micro.labels), chunk_size=cfg.chunk_size, student_softcap=cfg.student.final_softcap,
-            teacher_softcap=cfg.teacher.final_softcap)
+            ht, decoder.output_head(teacher, cfg.teacher), None, None, loss_labels(micro.labels),
+            chunk_size=cfg.chunk_size, student_softcap=cfg.teacher.final_softcap)
+        return None, seq["student_logp_seq"]
+
+    _, out = jax.lax.scan(one, None, batch)
+    return out
+
+
+def measure_gaps(stats: curriculum.GapStats, student: Params, teacher: Params | None, batch: Batch,
+                 *, cfg: StepConfig, teacher_logp_seq: jax.Array | None = None) -> curriculum.GapStats:
+    """Add one batch's per-sequence gaps (forward only) to the epoch's running sums.
+
+    teacher_logp_seq: the batch's `teacher_sequence_logprobs` [A, 2b]; then `teacher` is not
+    used (may be None) and only the student runs. None: both models run.
+    """
+    def one(stats, xs):
+        micro, lp = xs
+        hs = pair_hidden(student, cfg.student, micro, compute_dtype=cfg.compute_dtype)
+        ws = decoder.output_head(student, cfg.student)
+        ht = wt = None
+        if lp is None:
+            ht = pair_hidden(teacher, cfg.teacher, micro, compute_dtype=cfg.compute_dtype)
+            wt = decoder.output_head(teacher, cfg.teacher)
+        seq = _sequence_logprobs(hs, ws, ht, wt, loss_labels(micro.labels), lp, cfg)
         gap = curriculum.sequence_gaps(seq["student_logp_seq"], seq["teacher_logp_seq"], micro.labels.shape[0] // 2)
         return curriculum.update_gap_stats(stats, gap, seq["tokens_seq"]), None
 
-    stats, _ = jax.lax.scan(one, stats, batch)
+    stats, _ = jax.lax.scan(one, stats, (batch, teacher_logp_seq))
     return stats

@@ -142,6 +142,22 @@ def test_interrupted_save_keeps_last_good_checkpoint(tiny, tmp_path):
     assert resumed.steps == 4 and resumed.history[0]["step"] == 3
 
 
+def test_resume_inside_a_curriculum_epoch_matches_uninterrupted(tiny, tmp_path):
+    """Stopped after epoch 2's first step and resumed: m comes from the checkpoint and the
+    teacher's per-sequence log-probs of the batches left are recomputed; the last step and the
+    final parameters are those of the uninterrupted run."""
+    generated = {"data.pairs": "null", "generation.regenerate_student": "true"}   # a varies per row
+    full = train(tiny_config(tiny, tmp_path / "full", **generated))
+    assert train(tiny_config(tiny, tmp_path / "resumed", **generated), max_steps=3).steps == 3
+    rest = train(tiny_config(tiny, tmp_path / "resumed", **generated))
+    assert [h["step"] for h in rest.history] == [4]
+    last, want = rest.history[0], full.history[3]
+    assert last["alpha_min"] < last["alpha_max"]   # the curriculum is on in the resumed step
+    for key in ("ref_gap", "loss", "alpha_min", "alpha_max", "alpha_mean", "grad_norm"):
+        np.testing.assert_allclose(last[key], want[key], rtol=1e-6, err_msg=key)
+    _assert_params_close(_params(tmp_path / "resumed"), _params(tmp_path / "full"), atol=1e-6)
+
+
 def test_restore_onto_another_mesh_continues_the_trajectory(tiny, tmp_path):
     full = train(tiny_config(tiny, tmp_path / "full", **{"mesh.shape": "[8,1,1]", "train.micro_batch": 8}))
     first = train(tiny_config(tiny, tmp_path / "moved", **{"mesh.shape": "[8,1,1]", "train.micro_batch": 8}),

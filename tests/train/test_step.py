@@ -6,9 +6,10 @@ import numpy as np
 import optax
 import pytest
 
-from distillm2_jax import losses, models
+from distillm2_jax import curriculum, losses, models
 from distillm2_jax.models import decoder
-from distillm2_jax.train.step import Batch, StepConfig, StepInputs, TrainState, micro_loss, train_step
+from distillm2_jax.train.step import (Batch, StepConfig, StepInputs, TrainState, measure_gaps, micro_loss,
+                                      teacher_sequence_logprobs, train_step)
 from tests.tiny_models import hf_config
 
 B, P, R, V = 4, 8, 16, 96   # 4 pairs per step; prompts of up to P, responses of up to R tokens
@@ -132,3 +133,58 @@ def test_loss_denominators_count_over_micro_batches():
     assert (float(seq["tgo"]), float(seq["sgo"]), float(seq["all"]), float(seq["pairs"])) == (4, 3, 7, 3)
     with pytest.raises(ValueError, match="reduction"):
         losses.loss_denominators(jnp.asarray(labels), B, "mean")
+
+
+def test_teacher_logprobs_given_to_the_step_equal_computing_them_inside_it():
+    """The curriculum with the teacher's per-sequence log-probs passed in (what the trainer does
+    from epoch 2: computed once per epoch) gives the step that computes them in its gap pass; the
+    passed values are the mean label log-probs of full teacher logits, re-derived in numpy."""
+    student, teacher = _models()
+    cfg = StepConfig(student=student.config, teacher=teacher.config, objective="distillm2",
+                     curriculum=True, chunk_size=8)
+    num_micro = 2
+    shared, (rows, row_mask, row_labels) = _batch()
+    batch = Batch(*(_split(x, num_micro) for x in shared))
+    lp = jax.jit(lambda t, b: teacher_sequence_logprobs(t, b, cfg=cfg))(teacher.params(), batch)
+
+    def mean_label_logprobs(model):   # [2B] in the [TGO; SGO] row order, float64
+        h, _ = decoder.forward(model.params(), model.config, rows, row_mask)
+        logits = np.asarray(models.logits_from_hidden(model.params(), model.config, h), np.float64)
+        logp = logits - logits.max(-1, keepdims=True)
+        logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+        out = np.zeros(2 * B)
+        for r in range(2 * B):
+            pos = np.nonzero(row_labels[r, 1:] != -100)[0]   # position t predicts token t + 1
+            out[r] = logp[r, pos, row_labels[r, pos + 1]].mean() if len(pos) else 0.0
+        return out
+
+    lp_teacher, lp_student = mean_label_logprobs(teacher), mean_label_logprobs(student)
+    np.testing.assert_allclose(lp, _split(lp_teacher[:, None], num_micro, halves=True)[..., 0], rtol=1e-5, atol=1e-6)
+
+    stats0 = curriculum.init_gap_stats()
+    measured = jax.jit(lambda s, t, b: measure_gaps(s, student.params(), t, b, cfg=cfg))(
+        stats0, teacher.params(), batch)
+    given = jax.jit(lambda s, b, lp: measure_gaps(s, student.params(), None, b, cfg=cfg, teacher_logp_seq=lp))(
+        stats0, batch, lp)
+    for a, b in zip(jax.tree.leaves(given), jax.tree.leaves(measured)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    # m = the largest gap: every other row with a positive gap gets a < a0 (a = a0 at the reference)
+    gaps = np.where(np.arange(2 * B) < B, 1, -1) * (np.exp(lp_teacher) - np.exp(lp_student))
+    assert np.sum(gaps > 0) >= 3
+    m = jnp.float32(gaps.max())
+
+    tx = optax.sgd(1.0)
+    params = student.params()
+
+    def step(teacher_logp_seq):
+        inputs = StepInputs(jnp.float32(0.5), m, jax.random.key_data(jax.random.key(0)), jnp.bool_(True),
+                            teacher_logp_seq)
+        state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+        return jax.jit(lambda s: train_step(s, {}, teacher.params(), batch, inputs, cfg=cfg, tx=tx))(state)
+
+    (new_in_step, m_in_step), (new_given, m_given) = step(None), step(lp)
+    assert m_given["alpha_min"] < m_given["alpha_max"]   # the curriculum is live: a varies per row
+    for k in ("loss", "alpha_min", "alpha_max", "alpha_mean", "skl", "srkl"):
+        np.testing.assert_allclose(m_given[k], m_in_step[k], rtol=1e-5, err_msg=k)
+    for a, b in zip(jax.tree.leaves(new_given.trainable), jax.tree.leaves(new_in_step.trainable)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * max(1.0, float(np.abs(b).max())))

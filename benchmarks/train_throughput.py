@@ -102,14 +102,11 @@ def make_batch(pairs: int, seq: int, prompt: int, vocab: int, seed: int = 0):
 def shared_prompt_batch(ids, pairs: int, prompt: int) -> dict:
     """The same pairs collated as the trainer's loader does (`collate_shared_prompts`): each
     prompt stored once (rows b and B + b share theirs), responses [2, B, T - P]."""
-    import numpy as np
-
     from distillm2_jax.data.batches import TokenizedPair, collate_shared_prompts
 
     tokenized = [TokenizedPair(ids[b, :prompt], ids[b, prompt:], ids[pairs + b, prompt:]) for b in range(pairs)]
-    seq = ids.shape[1]
-    return {k: np.asarray(v) for k, v in collate_shared_prompts(
-        tokenized, max_prompt_length=prompt, max_response_length=seq - prompt, pad_id=0).items()}
+    return collate_shared_prompts(tokenized, max_prompt_length=prompt, max_response_length=ids.shape[1] - prompt,
+                                  pad_id=0)
 
 
 def emit(event: str, **data) -> None:

@@ -172,8 +172,7 @@ def _acceptance_sums(dparams, dcfg, tparams, tcfg, input_ids, attention_mask, la
 
     def one(args):
         hd_c, ht_c, lab_c = args
-        m_c = lab_c != losses.IGNORE_INDEX
-        return jax.lax.cond(jnp.any(m_c), heads, lambda *_: tuple(jnp.float32(0) for _ in range(4)),
+        return jax.lax.cond(jnp.any(lab_c != losses.IGNORE_INDEX), heads, lambda *_: tuple(jnp.float32(0) for _ in range(4)),
                             hd_c, ht_c, lab_c)
 
     def heads(hd_c, ht_c, lab_c):
@@ -230,4 +229,4 @@ def acceptance_rate(draft, target, pairs, tokenizer, *, batch_size: int = 8, max
                                       chunk_size=min(chunk_size, max(batch["input_ids"].shape[1] - 1, 1)), vocab=vocab)
         acc, agree, count, nll_total = acc + float(a), agree + float(g), count + int(c), nll_total + float(s)
     return AcceptanceResult(acc / max(count, 1), agree / max(count, 1), int(count),
-                            nll_total / max(count, 1) if count else float("nan"))
+                            nll_total / count if count else float("nan"))

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from functools import partial
 
 import numpy as np
 
@@ -45,7 +46,8 @@ from distillm2_jax.data.pairs import Pair
 from distillm2_jax.errors import UserError
 
 IGNORE_INDEX = -100
-LAYOUTS = ("rows", "stacked", "shared_prompt")
+ROW_LAYOUTS = ("rows", "stacked")          # collate_pairs: [prompt | response] rows
+LAYOUTS = ROW_LAYOUTS + ("shared_prompt",)  # collate_shared_prompts: each prompt stored once
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,8 +149,8 @@ def collate_pairs(pairs: Sequence[TokenizedPair], *, max_length: int, pad_id: in
     T is `max_length`, or with `length_buckets` the smallest bucket holding the longest row
     (capped at max_length) - fewer padded tokens, but one compiled shape per bucket.
     """
-    if layout not in LAYOUTS[:2]:
-        raise UserError(f"layout must be one of {LAYOUTS[:2]} (shared_prompt: "
+    if layout not in ROW_LAYOUTS:
+        raise UserError(f"layout must be one of {ROW_LAYOUTS} (shared_prompt: "
                         f"collate_shared_prompts), got {layout!r}")
     rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids)
                                                            for p in pairs]
@@ -212,17 +214,30 @@ def collate_shared_prompts(pairs: Sequence[TokenizedPair], *, max_prompt_length:
             "valid": np.asarray([p.valid for p in pairs], np.int32)}
 
 
+def max_response_length(layout: str, max_length: int, max_prompt_length: int) -> int | None:
+    """The response cap a layout imposes: R = max_length - max_prompt_length for
+    "shared_prompt" (R is static there), None for the row layouts."""
+    return max_length - max_prompt_length if layout == "shared_prompt" else None
+
+
+def collate_fn(layout: str, *, max_length: int, max_prompt_length: int, pad_id: int,
+               length_buckets: Sequence[int] | None = None):
+    """`pairs -> batch dict` for a layout: `collate_shared_prompts` or `collate_pairs`."""
+    if layout == "shared_prompt":
+        return partial(collate_shared_prompts, max_prompt_length=max_prompt_length,
+                       max_response_length=max_response_length(layout, max_length, max_prompt_length),
+                       pad_id=pad_id, length_buckets=length_buckets)
+    return partial(collate_pairs, max_length=max_length, pad_id=pad_id,
+                   length_buckets=length_buckets, layout=layout)
+
+
 def make_batch(pairs: Sequence[Pair], tokenizer, *, max_length: int, max_prompt_length: int,
                length_buckets: Sequence[int] | None = None, layout: str = "rows",
                plain_fallback: bool = False) -> dict[str, np.ndarray]:
     """Tokenise and collate B pairs in one call (tests, evaluation, small runs)."""
-    shared = layout == "shared_prompt"
-    max_response = max_length - max_prompt_length if shared else None
     tok = PairTokenizer(tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
-                        plain_fallback=plain_fallback, max_response_length=max_response)
-    if shared:
-        return collate_shared_prompts(tok.tokenize(pairs), max_prompt_length=max_prompt_length,
-                                      max_response_length=max_response, pad_id=tok.pad_id,
-                                      length_buckets=length_buckets)
-    return collate_pairs(tok.tokenize(pairs), max_length=max_length, pad_id=tok.pad_id,
-                         length_buckets=length_buckets, layout=layout)
+                        plain_fallback=plain_fallback,
+                        max_response_length=max_response_length(layout, max_length, max_prompt_length))
+    collate = collate_fn(layout, max_length=max_length, max_prompt_length=max_prompt_length,
+                         pad_id=tok.pad_id, length_buckets=length_buckets)
+    return collate(tok.tokenize(pairs))

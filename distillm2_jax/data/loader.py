@@ -33,8 +33,8 @@ from functools import partial
 import grain
 import numpy as np
 
-from distillm2_jax.data.batches import (EMPTY_PAIR, LAYOUTS, PairTokenizer, TokenizedPair,
-                                        collate_pairs, collate_shared_prompts)
+from distillm2_jax.data.batches import (EMPTY_PAIR, LAYOUTS, PairTokenizer, TokenizedPair, collate_fn,
+                                        max_response_length)
 from distillm2_jax.data.pairs import Pair
 from distillm2_jax.errors import UserError
 
@@ -126,12 +126,10 @@ class PairLoader:
         self.global_batch_size = global_batch_size
         self.local_batch_size = global_batch_size // self.process_count
         self.seed, self.epoch = seed, epoch
-        shared = layout == "shared_prompt"
-        max_response = max_length - max_prompt_length if shared else None
-        self.pair_tokenizer = PairTokenizer(tokenizer, max_length=max_length,
-                                            max_prompt_length=max_prompt_length,
-                                            plain_fallback=plain_fallback,
-                                            max_response_length=max_response)
+        self.pair_tokenizer = PairTokenizer(
+            tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
+            plain_fallback=plain_fallback,
+            max_response_length=max_response_length(layout, max_length, max_prompt_length))
         ds = grain.MapDataset.source(pairs)
         if shuffle:
             ds = ds.shuffle(seed=epoch_seed(seed, epoch))
@@ -140,14 +138,8 @@ class PairLoader:
                                      process_count=self.process_count,
                                      drop_remainder=drop_remainder)
         ds = ds.map(partial(_to_tokenized, pair_tokenizer=self.pair_tokenizer))
-        if shared:
-            collate = partial(collate_shared_prompts, max_prompt_length=max_prompt_length,
-                              max_response_length=max_response, pad_id=self.pair_tokenizer.pad_id,
-                              length_buckets=length_buckets)
-        else:
-            collate = partial(collate_pairs, max_length=max_length,
-                              pad_id=self.pair_tokenizer.pad_id, length_buckets=length_buckets,
-                              layout=layout)
+        collate = collate_fn(layout, max_length=max_length, max_prompt_length=max_prompt_length,
+                             pad_id=self.pair_tokenizer.pad_id, length_buckets=length_buckets)
         self.dataset: grain.MapDataset = ds.batch(self.local_batch_size, drop_remainder=True,
                                                   batch_fn=collate)
         self._read_options = grain.ReadOptions(num_threads=num_threads,

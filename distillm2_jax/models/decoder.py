@@ -291,7 +291,7 @@ def _embed(params: Params, cfg: ModelConfig, ids: jax.Array, dtype) -> jax.Array
 
 def _with_remat(body, remat: str):
     """The layer-scan body under the named `REMAT_POLICIES` policy ("none": as is)."""
-    if REMAT_POLICIES.get(remat, "missing") == "missing":
+    if remat not in REMAT_POLICIES:
         raise ValueError(f"remat '{remat}' is not one of {sorted(REMAT_POLICIES)}")
     if remat == "none":
         return body

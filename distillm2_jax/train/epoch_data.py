@@ -45,6 +45,7 @@ class EpochData:
         self.mesh = mesh
         self.log = log
         self.dir = Path(cfg.run_dir) / "data"
+        self._warned_budget = False
 
     def _generate(self, model, out: Path, *, seed: int, what: str) -> Path:
         from distillm2_jax.generate import generate_file
@@ -67,7 +68,7 @@ class EpochData:
         shared-prompt layout); say so once when generation may produce longer responses."""
         d, g = self.cfg.data, self.cfg.generation
         budget = d.max_length - d.max_prompt_length
-        if g.max_new_tokens + 1 > budget and not getattr(self, "_warned_budget", False):
+        if g.max_new_tokens + 1 > budget and not self._warned_budget:
             self._warned_budget = True
             self.log(f"note: generation.max_new_tokens={g.max_new_tokens} plus the end-of-turn token exceeds "
                      f"the {budget} response tokens training keeps (data.max_length - data.max_prompt_length); "

@@ -12,10 +12,11 @@ runs the compiled prefill + decode loop of `distillm2_jax.sampling`, syncing wit
 compiles one program per prompt-length bucket, whatever the number of prompts.
 
 `generate_file` writes one JSON line per prompt in source order (the generation-output format
-of `distillm2_jax.data.generations`), flushed and fsynced per batch, with a sidecar
-`OUT.meta.json` holding the arguments. Rerunning with the same arguments continues after the
-last complete line; since each row's random key depends on (seed, row id) and batches are
-fixed groups of the source order, the finished file is the one an uninterrupted run writes.
+of `distillm2_jax.data.generations`, with the sampled `response_ids`), flushed and fsynced per
+batch, with a sidecar `OUT.meta.json` holding the arguments. Rerunning with the same arguments
+continues after the last complete line; since each row's random key depends on (seed, row id)
+and batches are fixed groups of the source order, the finished file is the one an
+uninterrupted run writes.
 See docs/generation.md.
 """
 from __future__ import annotations
@@ -265,6 +266,12 @@ def sample(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
 
 # ----------------------------------------------------------------------------- JSONL output
 
+def response_ids(result: Result) -> list[int]:
+    """The sampled response ids a generation record stores: `result.tokens` without the stop
+    token that ended the row (finish_reason "stop"), like the `response` text."""
+    return result.tokens[:-1] if result.finish_reason == FINISH_STOP else list(result.tokens)
+
+
 @dataclasses.dataclass
 class GenerateSummary:
     """What `generate_file` did."""
@@ -357,13 +364,15 @@ def generate_file(model, prompts, out: str | os.PathLike, *, tokenizer,
     model: `models.Decoder` or `(params, ModelConfig)` (in memory, e.g. the current student).
     prompts: a source spec (`data.sources.load_prompts`) or a list of `data.prompts.TemplatedPrompt`.
     tokenizer: a transformers tokenizer or its folder; it templates the prompts and decodes
-    the responses (skip_special_tokens=True). stop_ids default to the tokenizer's EOS and
+    the responses (skip_special_tokens=True). Each record also stores the sampled ids
+    (`response_ids`, without the stop token) and the tokenizer's fingerprint (`tokenizer`), so
+    that training uses the tokens as sampled. stop_ids default to the tokenizer's EOS and
     end-of-turn ids. model_name identifies the model in the sidecar and in each record's
     `model` field (the CLI passes the model folder); rerunning with other arguments raises
     UserError unless overwrite=True. extra_fields are added to every record (e.g. epoch).
     """
     from distillm2_jax.data.chat import pad_token_id, stop_token_ids
-    from distillm2_jax.data.generations import make_generation_record
+    from distillm2_jax.data.generations import make_generation_record, tokenizer_fingerprint
     from distillm2_jax.data.prompts import load_templated_prompts
 
     t0 = time.perf_counter()
@@ -388,6 +397,7 @@ def generate_file(model, prompts, out: str | os.PathLike, *, tokenizer,
         cfg = dataclasses.replace(cfg, logits_vocab=vocab)
     stops = sorted({int(i) for i in (stop_token_ids(tokenizer) if stop_ids is None else stop_ids)})
     pad = pad_token_id(tokenizer)
+    fingerprint = tokenizer_fingerprint(tokenizer)
     out = Path(out)
     args = {
         "model": model_name or "(in-memory model)",
@@ -401,7 +411,7 @@ def generate_file(model, prompts, out: str | os.PathLike, *, tokenizer,
         args["model_files"] = model_files_digest(model_name)
     meta = {"format": META_FORMAT, "args": args,
             "info": {"prompts": spec, "mesh": None if mesh is None else dict(mesh.shape),
-                     "sync_every": sync_every}}
+                     "sync_every": sync_every, "tokenizer": fingerprint}}
     mpath = meta_path(out)
     writer = jax.process_index() == 0
     existing = 0
@@ -434,13 +444,15 @@ def generate_file(model, prompts, out: str | os.PathLike, *, tokenizer,
                     start_batch=existing // B, progress=progress, sync_every=sync_every,
                     desc=out.name):
                 keep = [(r, res) for r, res in zip(rows, results) if r >= existing]
-                texts = tokenizer.batch_decode([res.tokens for _, res in keep], skip_special_tokens=True)
+                ids = [response_ids(res) for _, res in keep]
+                texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
                 lines = []
-                for (r, res), text in zip(keep, texts):
+                for (r, res), rids, text in zip(keep, ids, texts):
                     rec = make_generation_record(
                         id=str(prompts[r].id), prompt=prompts[r].prompt, response=text,
                         finish_reason=res.finish_reason, prompt_tokens=res.prompt_tokens,
-                        response_tokens=res.new_tokens, **{"model": args["model"], **(extra_fields or {})})
+                        response_tokens=res.new_tokens, response_ids=rids, tokenizer=fingerprint,
+                        **{"model": args["model"], **(extra_fields or {})})
                     lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
                     reasons[res.finish_reason] = reasons.get(res.finish_reason, 0) + 1
                     new_tokens += res.new_tokens

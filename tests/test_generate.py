@@ -16,7 +16,9 @@ import pytest
 from distillm2_jax import generate, models
 from distillm2_jax import sharding as shd
 from distillm2_jax.cli import main
-from distillm2_jax.data.generations import read_generations
+from distillm2_jax.data.batches import make_batch
+from distillm2_jax.data.generations import read_generations, tokenizer_fingerprint
+from distillm2_jax.data.pairs import build_pairs, read_pairs
 from distillm2_jax.errors import UserError
 from distillm2_jax.sampling import GREEDY, generate_batch, stop_id_array
 from tests.tiny_models import VOCAB, build_hf_model
@@ -222,9 +224,32 @@ def test_generate_file_records(lm, tiny_tokenizer):  # noqa: F811
         assert r["finish_reason"] in ("stop", "length") and r["model"] == str(d)
         assert 0 < r["prompt_tokens"] <= 48 and 0 < r["response_tokens"] <= 10
         assert r["finish_reason"] == "stop" or r["response_tokens"] == 10
+        # the sampled ids without the stop token, and the text is their decode
+        assert len(r["response_ids"]) == r["response_tokens"] - (r["finish_reason"] == "stop")
+        assert EOS_ID not in r["response_ids"]
+        assert tiny_tokenizer.decode(r["response_ids"], skip_special_tokens=True) == r["response"]
+        assert r["tokenizer"] == tokenizer_fingerprint(tiny_tokenizer)
+    assert [g.response_ids for g in recs] == [r["response_ids"] for r in raw]
     assert raw[-1]["prompt_tokens"] == 48   # the long prompt kept its last 48 tokens
     meta = json.loads(generate.meta_path(ref).read_text())
     assert meta["args"]["seed"] == 7 and meta["args"]["num_prompts"] == len(PROMPTS)
+
+
+def test_sampled_non_canonical_ids_stay_as_sampled_in_training_labels(
+        lm, tiny_tokenizer, tmp_path):  # noqa: F811
+    """The random model samples token sequences that re-encoding their text would change."""
+    _, _, _, ref = lm
+    gens = read_generations(str(ref))
+    canonical = [tiny_tokenizer(g.response, add_special_tokens=False)["input_ids"] for g in gens]
+    assert sum(c != g.response_ids for c, g in zip(canonical, gens)) >= 2, \
+        "the sampled rows are canonical encodings: this test would prove nothing"
+    build_pairs(str(ref), str(ref), str(tmp_path / "pairs.jsonl"))
+    pairs = read_pairs(str(tmp_path / "pairs.jsonl"))
+    batch = make_batch(pairs, tiny_tokenizer, max_length=64, max_prompt_length=48, layout="shared_prompt")
+    for i, g in enumerate(gens):
+        for half in (0, 1):
+            labels = batch["labels"][half, i]
+            assert labels[labels != -100].tolist() == g.response_ids + [EOS_ID]
 
 
 def test_restart_after_interruption_gives_the_uninterrupted_rows(lm, tiny_tokenizer, tmp_path,  # noqa: F811

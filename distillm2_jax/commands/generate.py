@@ -3,7 +3,9 @@
 Prompts are rendered with the tokenizer's chat template (plus the generation prompt) and
 keep their END when longer than --max-prompt-length. Each output line is a generation record
 (docs/data.md): {"id", "prompt", "response", "finish_reason", "prompt_tokens",
-"response_tokens", "model"}. The run is restartable: rerun the same command after an
+"response_tokens", "response_ids", "tokenizer", "model"}; response_ids are the sampled token
+ids without the stop token, which training uses as they are (no re-encoding of the text) when
+its tokenizer has the fingerprint in `tokenizer`. The run is restartable: rerun the same command after an
 interruption and it continues after the last complete line (the arguments are kept in
 OUT.meta.json; different arguments are refused unless --overwrite). See docs/generation.md.
 """

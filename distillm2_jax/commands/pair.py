@@ -13,7 +13,9 @@ def register(subparsers) -> None:
         description=(
             "Read two generation output files (distillm2 generate JSONL, or the authors' vLLM "
             "JSON/JSONL with `generated_text`), match them by prompt and write "
-            "{prompt, chosen, rejected} records (docs/data.md)."
+            "{prompt, chosen, rejected} records (docs/data.md). A side whose generation record "
+            "has `response_ids` also gets `chosen_ids`/`rejected_ids` and the tokenizer "
+            "fingerprint, so training uses the sampled tokens."
         ),
     )
     p.add_argument("--teacher", required=True, metavar="FILE", help="teacher generations (chosen)")

@@ -31,6 +31,13 @@ Truncation: the prompt keeps its END to at most max_prompt_length tokens (a lead
 the response then gets the remaining max_length - len(prompt) tokens and is cut at its end.
 The end-of-turn token is appended before cutting, so it survives only when the whole response
 fits: a cut response does not teach the model to stop there.
+
+Response tokens: a side's stored token ids (`Pair.chosen_ids` / `rejected_ids`, the sampled ids)
+when they come from this tokenizer (their fingerprint is `tokenizer_fingerprint(tokenizer)`),
+else `encode(text)`. Re-encoding would silently replace a sampled sequence that is not the
+tokenizer's own encoding of its text (common with BPE and temperature sampling) by another one.
+Stored ids must decode (special tokens skipped) to the side's text, else `UserError` naming the
+pair's file and line; ids of another tokenizer are not trusted and the text is encoded.
 """
 from __future__ import annotations
 
@@ -42,12 +49,14 @@ import numpy as np
 
 from distillm2_jax.data.chat import (encode_prompts, encode_texts, end_of_turn_id,
                                      pad_token_id, truncate_keep_end)
+from distillm2_jax.data.generations import tokenizer_fingerprint
 from distillm2_jax.data.pairs import Pair
 from distillm2_jax.errors import UserError
 
 IGNORE_INDEX = -100
 ROW_LAYOUTS = ("rows", "stacked")          # collate_pairs: [prompt | response] rows
 LAYOUTS = ROW_LAYOUTS + ("shared_prompt",)  # collate_shared_prompts: each prompt stored once
+SIDES = ("chosen", "rejected")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,10 +97,92 @@ def truncate_pair(prompt_ids: Sequence[int], chosen_ids: Sequence[int],
                          np.asarray(list(rejected_ids)[:budget], np.int32))
 
 
+@dataclasses.dataclass
+class IdsUsage:
+    """Where the responses of some pairs get their tokens (one count per pair side)."""
+
+    ids: int = 0               # the stored token ids
+    other_tokenizer: int = 0   # stored ids of another tokenizer: the text is encoded instead
+    text: int = 0              # no stored ids: the text is encoded
+
+    def describe(self) -> str:
+        return (f"{self.ids} responses from their sampled token ids, {self.text} text-only and "
+                f"{self.other_tokenizer} with ids of another tokenizer tokenised from their text")
+
+
+def stored_ids(pair: Pair, side: str, fingerprint: str | None) -> list[int] | None:
+    """A side's stored ids if they were made with the tokenizer of `fingerprint`, else None."""
+    ids = getattr(pair, f"{side}_ids")
+    if ids is None or fingerprint is None or getattr(pair, f"{side}_tokenizer") != fingerprint:
+        return None
+    return list(ids)
+
+
+def _show(text: str, at: int) -> str:
+    return repr(text[max(0, at - 20):at + 20])
+
+
+def _check_ids_match_text(tokenizer, items: Sequence[tuple[Pair, str, list[int]]],
+                          eot_id: int) -> None:
+    """Every (pair, side, ids): ids in the vocabulary, without end-of-turn, decoding to the text."""
+    if not items:
+        return
+    vocab = len(tokenizer)
+    for pair, side, ids in items:
+        where = pair.where or "pair"
+        bad = [i for i in ids if i >= vocab]
+        if bad:
+            raise UserError(f"{where}: field `{side}_ids`: token id {bad[0]} is outside the "
+                            f"tokenizer's {vocab} tokens")
+        if ids and ids[-1] == eot_id:
+            raise UserError(f"{where}: field `{side}_ids` ends with the end-of-turn token {eot_id}; "
+                            f"stored ids leave it out (training appends it)")
+    texts = tokenizer.batch_decode([ids for _, _, ids in items], skip_special_tokens=True)
+    for (pair, side, ids), decoded in zip(items, texts):
+        text = getattr(pair, side)
+        if decoded != text:
+            # The sampling tokenizer's folder may set clean_up_tokenization_spaces the other way
+            # (same vocabulary, same fingerprint): the ids are still the sampled tokens.
+            cleanup = getattr(tokenizer, "clean_up_tokenization_spaces", False)
+            if tokenizer.decode(ids, skip_special_tokens=True,
+                                clean_up_tokenization_spaces=not cleanup) == text:
+                continue
+            at = next((k for k, (a, b) in enumerate(zip(decoded, text)) if a != b),
+                      min(len(decoded), len(text)))
+            raise UserError(f"{pair.where or 'pair'}: field `{side}_ids` does not decode to the "
+                            f"`{side}` text (first difference at character {at}: ids give "
+                            f"{_show(decoded, at)}, text has {_show(text, at)}); ids and text must "
+                            f"come from the same generation")
+
+
+def check_stored_ids(tokenizer, pairs: Sequence[Pair], *, eot_id: int | None = None) -> IdsUsage:
+    """Check every stored id list this tokenizer would use against its text (UserError naming
+    the pair's file and line), up front instead of mid-epoch; count the sides by token source."""
+    usage = IdsUsage()
+    fingerprint = None
+    items = []
+    for p in pairs:
+        for side in SIDES:
+            if getattr(p, f"{side}_ids") is None:
+                usage.text += 1
+                continue
+            fingerprint = fingerprint or tokenizer_fingerprint(tokenizer)
+            ids = stored_ids(p, side, fingerprint)
+            if ids is None:
+                usage.other_tokenizer += 1
+            else:
+                usage.ids += 1
+                items.append((p, side, ids))
+    if items:
+        _check_ids_match_text(tokenizer, items, end_of_turn_id(tokenizer) if eot_id is None else eot_id)
+    return usage
+
+
 class PairTokenizer:
     """Callable pair -> TokenizedPair with the tokenizer's special ids looked up once.
 
-    Picklable (grain may run it in worker threads or processes).
+    Responses use their stored token ids where trusted (module docstring). Picklable (grain
+    may run it in worker threads or processes).
     """
 
     def __init__(self, tokenizer, *, max_length: int, max_prompt_length: int,
@@ -106,14 +197,28 @@ class PairTokenizer:
         self.eot_id = end_of_turn_id(tokenizer) if eot_id is None else int(eot_id)
         self.pad_id = pad_token_id(tokenizer)
         self.bos_id = getattr(tokenizer, "bos_token_id", None)
+        self._fingerprint: str | None = None   # computed when a pair first has stored ids
+
+    def responses(self, pairs: Sequence[Pair], side: str) -> list[list[int]]:
+        """One side's response ids (without end-of-turn) of each pair: its trusted stored ids,
+        checked against the text, else the encoded text."""
+        if self._fingerprint is None and any(getattr(p, f"{side}_ids") is not None for p in pairs):
+            self._fingerprint = tokenizer_fingerprint(self.tokenizer)
+        out = [stored_ids(p, side, self._fingerprint) for p in pairs]
+        _check_ids_match_text(self.tokenizer, [(p, side, ids) for p, ids in zip(pairs, out)
+                                               if ids is not None], self.eot_id)
+        todo = [k for k, ids in enumerate(out) if ids is None]
+        for k, ids in zip(todo, encode_texts(self.tokenizer, [getattr(pairs[k], side) for k in todo])):
+            out[k] = ids
+        return out
 
     def tokenize(self, pairs: Sequence[Pair]) -> list[TokenizedPair]:
         """Tokenise many pairs with batched tokenizer calls."""
         prompts = encode_prompts(self.tokenizer, [p.messages for p in pairs],
                                  plain_fallback=self.plain_fallback,
                                  wheres=[p.where for p in pairs])
-        chosen = encode_texts(self.tokenizer, [p.chosen for p in pairs])
-        rejected = encode_texts(self.tokenizer, [p.rejected for p in pairs])
+        chosen = self.responses(pairs, "chosen")
+        rejected = self.responses(pairs, "rejected")
         return [
             truncate_pair(pr.input_ids.tolist(), c + [self.eot_id], r + [self.eot_id],
                           max_length=self.max_length, max_prompt_length=self.max_prompt_length,

@@ -100,7 +100,8 @@ def _process_defaults(process_index: int | None, process_count: int | None) -> t
 class PairLoader:
     """One epoch of [chosen; rejected] batches for this process (see the module docstring).
 
-    `pairs`: a sequence of `Pair` (from `read_pairs`) or `TokenizedPair` (e.g. a
+    `pairs`: a sequence of `Pair` (from `read_pairs`; responses use their stored token ids where
+    the tokenizer's fingerprint matches, see `batches.PairTokenizer`) or `TokenizedPair` (e.g. a
     `tfds_io.TokenizedPairSource`); `global_batch_size` counts PAIRS over all processes, each
     process gets `global_batch_size // process_count` pairs = twice as many rows per batch.
     """

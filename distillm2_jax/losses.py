@@ -28,6 +28,9 @@ from distillm2_jax.curriculum import sequence_gaps
 
 IGNORE_INDEX = -100
 OBJECTIVES = ("distillm2", "distillm", "kd", "rkl", "seqkd", "gkd", "dpkd", "sft")
+# Objectives whose loss reads the student-generated (SGO) rows; the others train on teacher
+# responses only, so the trainer samples no student responses for them.
+STUDENT_RESPONSE_OBJECTIVES = ("distillm2", "distillm", "rkl", "gkd", "dpkd")
 REDUCTIONS = ("sequence", "token")
 NORMALIZATIONS = ("paper", "authors_code")
 GRAD_MODES = ("fused", "remat")

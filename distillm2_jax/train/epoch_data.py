@@ -5,15 +5,21 @@ generated once from `data.prompts` with the teacher) are paired with responses o
 With `generation.regenerate_student`, every later epoch samples new student responses from the
 current student. Files land in RUN_DIR/data/ and generation is restartable, so a resumed run
 reuses what was already generated (the sampling key of a row depends on seed, epoch and row).
+
+Generated (and given) responses carry their sampled token ids, which training uses as they
+are when they come from the training tokenizer (the teacher's); every epoch's pairs are checked
+against their texts up front, and where each response's tokens come from is logged.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 from distillm2_jax import distributed
+from distillm2_jax.data.batches import check_stored_ids
 from distillm2_jax.data.loader import PairLoader
 from distillm2_jax.data.pairs import build_pairs, read_pairs
 from distillm2_jax.errors import UserError
+from distillm2_jax.losses import STUDENT_RESPONSE_OBJECTIVES
 
 
 def load_tokenizer(path: str):
@@ -88,21 +94,38 @@ class EpochData:
     def pairs_for_epoch(self, epoch: int, *, teacher, student) -> list:
         """The pairs of `epoch` (0-based); `student` is the current student model."""
         d, g = self.cfg.data, self.cfg.generation
-        if d.pairs and (epoch == 0 or not g.regenerate_student):
-            return read_pairs(d.pairs)
-        source_epoch = epoch if g.regenerate_student else 0
+        # An objective that never reads the student rows (kd, seqkd, sft) gets each teacher
+        # response paired with itself: nothing is sampled from the student for it.
+        needs_student = self.cfg.objective.name in STUDENT_RESPONSE_OBJECTIVES
+        regenerate = g.regenerate_student and needs_student
+        if d.pairs and (epoch == 0 or not regenerate):
+            return self._read(d.pairs, epoch)
+        source_epoch = epoch if regenerate else 0
         pairs_path = self.dir / f"pairs_epoch{source_epoch + 1}.jsonl"
-        if epoch > 0 and not g.regenerate_student:
-            return read_pairs(pairs_path)
+        if epoch > 0 and not regenerate:
+            return self._read(pairs_path, epoch)
         self.dir.mkdir(parents=True, exist_ok=True)
         teacher_file = self.teacher_responses(teacher)
-        student_file = self._generate(student, self.dir / f"student_epoch{epoch + 1}.jsonl",
-                                      seed=self.cfg.seed + 7919 * (epoch + 1), what=f"epoch {epoch + 1} student")
+        if needs_student:
+            student_file = self._generate(student, self.dir / f"student_epoch{epoch + 1}.jsonl",
+                                          seed=self.cfg.seed + 7919 * (epoch + 1),
+                                          what=f"epoch {epoch + 1} student")
+        else:
+            self.log(f"objective {self.cfg.objective.name} trains on teacher responses only: no student "
+                     "responses are sampled (each pair's rejected side repeats its chosen side)")
+            student_file = teacher_file
         if distributed.is_main_process():
             stats = build_pairs(teacher_file, student_file, pairs_path)
             self.log(f"epoch {epoch + 1}: {stats.summary()}")
         _barrier(f"pairs_epoch{epoch + 1}")
-        return read_pairs(pairs_path)
+        return self._read(pairs_path, epoch)
+
+    def _read(self, path, epoch: int) -> list:
+        """Read a pair file and check its stored token ids now rather than mid-epoch."""
+        pairs = read_pairs(str(path))
+        usage = check_stored_ids(self.tokenizer, pairs)
+        self.log(f"epoch {epoch + 1}: {usage.describe()}")
+        return pairs
 
 
 def _barrier(name: str) -> None:

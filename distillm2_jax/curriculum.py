@@ -37,36 +37,51 @@ def b_linear(step, total_steps, *, b0: float = 0.5, b_end: float = 0.75,
 
 
 def b_paper(step, total_steps, epoch, num_epochs, *, steps_per_epoch=None, b0: float = 0.5,
-            period: str = "run") -> jax.Array:
+            period: str = "run", first_epoch: int = 0) -> jax.Array:
     """Algorithm 1: b = clip(e / E + tau / T, b0, 1).
 
-    e = ``epoch`` (from 0), E = ``num_epochs``, tau = iteration within the epoch
-    (``step - epoch * steps_per_epoch``, from 0). T is the ``period``: "run" (default) takes
-    T = ``total_steps``, so e / E + tau / T is exactly the fraction of the run done (b stays at
-    b0 for the first half, then rises linearly to 1 at the end, continuous across epochs);
-    "epoch" takes T = ``steps_per_epoch`` (b then saw-tooths and reaches 1 inside every epoch).
+    The printed rule leaves two choices open (docs/experiments.md, "The b schedule: readings"):
+
+    * what T is (``period``): "run" (default) takes T = ``total_steps``, so with e from 0,
+      e / E + tau / T is exactly the fraction of the run done (b stays at b0 for the first half,
+      then rises linearly to 1 at the end, continuous across epochs); "epoch" takes
+      T = ``steps_per_epoch`` (b then saw-tooths and reaches 1 inside epochs);
+    * where e starts (``first_epoch``): 0 (default) or 1, the paper's "for e = 1..E" taken
+      literally (with period "epoch" and E = 3, b reaches 1 two thirds into the first epoch,
+      restarts at 2/3 in the second, and is 1 throughout the third).
+
+    e = ``epoch`` + ``first_epoch`` (``epoch`` counted from 0), E = ``num_epochs``, tau =
+    iteration within the epoch (``step - epoch * steps_per_epoch``, from 0).
     ``steps_per_epoch`` defaults to ``total_steps // num_epochs``.
     """
     if period not in ("run", "epoch"):
         raise ValueError(f"period={period!r}: choose 'run' or 'epoch'")
+    if first_epoch not in (0, 1):
+        raise ValueError(f"first_epoch={first_epoch!r}: choose 0 or 1")
     spe = total_steps // num_epochs if steps_per_epoch is None else steps_per_epoch
     tau = jnp.asarray(step, _f32) - jnp.asarray(epoch, _f32) * spe
     t = total_steps if period == "run" else spe
-    b = jnp.asarray(epoch, _f32) / num_epochs + tau / jnp.maximum(jnp.asarray(t, _f32), 1.0)
+    e = jnp.asarray(epoch, _f32) + first_epoch
+    b = e / num_epochs + tau / jnp.maximum(jnp.asarray(t, _f32), 1.0)
     return jnp.clip(b, b0, 1.0)
 
 
 def b_schedule(name: str, *, step, total_steps, epoch=0, num_epochs: int = 1,
                steps_per_epoch=None, b0: float = 0.5, b_end: float = 0.75,
-               ramp_fraction: float = 0.5, paper_period: str = "run") -> jax.Array:
-    """Select a b schedule by name ("constant", "linear", "paper"); returns a float32 scalar."""
+               ramp_fraction: float = 0.5, paper_period: str = "run",
+               paper_first_epoch: int = 0) -> jax.Array:
+    """Select a b schedule by name ("constant", "linear", "paper"); returns a float32 scalar.
+
+    paper_period / paper_first_epoch choose the reading of the paper's rule (`b_paper`); the
+    trainer uses the defaults (T = the run, e from 0).
+    """
     if name == "constant":
         return b_constant(b0)
     if name == "linear":
         return b_linear(step, total_steps, b0=b0, b_end=b_end, ramp_fraction=ramp_fraction)
     if name == "paper":
         return b_paper(step, total_steps, epoch, num_epochs, steps_per_epoch=steps_per_epoch,
-                       b0=b0, period=paper_period)
+                       b0=b0, period=paper_period, first_epoch=paper_first_epoch)
     raise ValueError(f"name={name!r}: unknown b schedule; choose one of {B_SCHEDULES}")
 
 

@@ -1,146 +1,285 @@
-"""The paper's comparison in miniature, on the embedded demo task: KD, SeqKD, GKD, DistiLLM
-(v1), DistiLLM-2, and the DistiLLM-2 ablation (contrastive loss only, + rising b, + curriculum
-a = the full method), over several seeds, reported as mean and standard deviation.
+"""The paper's comparison in miniature, on the embedded demo task: KD, SeqKD, GKD, DistiLLM (v1) and
+DistiLLM-2, the DistiLLM-2 ablation (contrastive loss only, + rising b, + a curriculum = the full
+method) and DistiLLM-2 with the authors' code b schedule, over several seeds.
 
 For each seed: new data draws, a new student warm-up, one set of teacher responses shared by
 every method (so methods differ only in the objective), then each method trains for the same
-number of epochs and steps from the same warm-up student. Every student is evaluated on the
-same held-out prompts: exact match (greedy), NLL of held-out teacher responses, and the
-acceptance rate as a speculative-decoding draft for the teacher.
+epochs and steps from the same warm-up student (`demo_lab`). Every student is evaluated on the
+same held-out prompts: exact match (greedy), NLL of held-out teacher responses, NLL of its own
+sampled responses, and the acceptance rate as a speculative-decoding draft for the teacher.
 
-    python experiments/compare.py [--seeds 0 1 2] [--out runs/compare] [--table docs/experiments.md]
+Reported: mean ± standard deviation over seeds per method, and the paired difference of every
+method against KD and against DistiLLM (v1) per metric: mean over seeds of (method - reference)
+with a 95% Student-t interval (`distillm2_jax.stats`).
 
-About 18 minutes on a 2-core CPU with the defaults. Writes OUT/results.json (every run) and the
-markdown table (docs/experiments.md by default).
+    python experiments/compare.py [--seeds 0 1 2 3 4] [--methods KEY ...] [--out runs/compare]
+                                  [--table docs/experiments.md | --table ''] [--quick]
+                                  [--time-budget MINUTES] [--estimate]
+
+Writes OUT/results.json (settings, every row of every seed, the summaries and intervals, timings)
+and the markdown tables between the `compare.py table` markers of docs/experiments.md (not for
+--quick unless --table is given). Prints a time estimate first (--estimate: only that), then the
+projected total after each seed; with --time-budget it does not start a seed the projection says
+would end past the budget.
 """
+from __future__ import annotations
+
 import argparse
 import dataclasses
-import json
-import statistics
 import sys
 import time
 from pathlib import Path
 
-import jax
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # demo_lab, also when loaded by file path
+import demo_lab as lab  # noqa: E402
 
-from distillm2_jax import api, models
-from distillm2_jax.demo import assets, run, task
+from distillm2_jax import stats  # noqa: E402
+from distillm2_jax.losses import STUDENT_RESPONSE_OBJECTIVES  # noqa: E402
+from distillm2_jax.demo import run  # noqa: E402
+from distillm2_jax.errors import UserError  # noqa: E402
 
-# name -> (objective, extra config keys). "+ curriculum a" of the ablation is DistiLLM-2 itself.
-METHODS = {
-    "KD": ("kd", {}),
-    "SeqKD": ("seqkd", {}),
-    "GKD": ("gkd", {}),
-    "DistiLLM": ("distillm", {}),
-    "DistiLLM-2": ("distillm2", {}),
-    "contrastive only (constant b, no a curriculum)": (
-        "distillm2", {"objective.beta_schedule": "constant", "objective.curriculum": False}),
-    "+ rising b (no a curriculum)": ("distillm2", {"objective.beta_schedule": "paper", "objective.curriculum": False}),
-}
-ABLATION = ("contrastive only (constant b, no a curriculum)", "+ rising b (no a curriculum)", "DistiLLM-2")
+M = lab.Method
+METHODS = (
+    M("kd", "KD", "kd"),
+    M("seqkd", "SeqKD", "seqkd"),
+    M("gkd", "GKD", "gkd"),
+    M("distillm", "DistiLLM", "distillm"),
+    M("distillm2", "DistiLLM-2", "distillm2"),
+    M("contrastive", "contrastive only (b = 0.5 constant, a = 0.1 fixed)", "distillm2",
+      {"objective.beta_schedule": "constant", "objective.curriculum": False}),
+    M("rising-b", "+ rising b (a = 0.1 fixed)", "distillm2",
+      {"objective.beta_schedule": "paper", "objective.curriculum": False}),
+    M("linear-b", "DistiLLM-2, authors' code b (0.5 → 0.75)", "distillm2", {"objective.beta_schedule": "linear"}),
+)
+MAIN = ("kd", "seqkd", "gkd", "distillm", "distillm2")
+ABLATION = ("contrastive", "rising-b", "distillm2", "linear-b")  # "+ a curriculum" is DistiLLM-2 itself
+ABLATION_LABELS = {"distillm2": "+ a curriculum (= DistiLLM-2)"}
+REFERENCES = ("kd", "distillm")
+BASE = {"teacher": "teacher", "warmup": "student (warm-up only)"}
+# key, column, format
+METRICS = (("exact_match", "exact match ↑", ".3f"), ("nll", "NLL teacher resp. ↓", ".3f"),
+           ("own_nll", "NLL own resp.", ".3f"), ("acceptance", "acceptance ↑", ".3f"))
+
+# Seconds on a 2-core CPU, fitted to smoke runs at two sizes (docs/experiments.md, "Cost"): per seed
+# `seed_s + sft_step_s * sft_steps`, plus `first_seed_s` once (compiles; later seeds load them from the
+# cache); per trained method `method_s + prompt_epoch_s * prompts * epochs` (the second term x
+# `on_policy_factor` for methods that sample the student); per evaluated model `eval_s + heldout_s * heldout`.
+COST = dict(first_seed_s=240.0, seed_s=10.0, sft_step_s=0.8, method_s=12.0, prompt_epoch_s=0.018,
+            on_policy_factor=1.3, eval_s=1.5, heldout_s=0.06)
 
 
-def slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")[:40]
+def label(key: str) -> str:
+    return BASE.get(key) or next(m.label for m in METHODS if m.key == key)
 
 
-def run_seed(out: Path, seed: int, settings: run.DemoSettings, methods: list[str], heldout, log) -> dict:
+def estimate_minutes(s: run.DemoSettings, n_seeds: int, methods: list[lab.Method]) -> float:
+    """A rough wall-time estimate of a run (COST), to see the cost before paying it."""
+    c = COST
+    per_eval = c["eval_s"] + c["heldout_s"] * s.heldout
+    per_seed = c["seed_s"] + c["sft_step_s"] * s.sft_steps + 2 * per_eval   # + the teacher and the warm-up
+    for m in methods:
+        on_policy = c["on_policy_factor"] if m.objective in STUDENT_RESPONSE_OBJECTIVES else 1.0
+        per_seed += c["method_s"] + c["prompt_epoch_s"] * s.distill_prompts * s.epochs * on_policy + per_eval
+    return (c["first_seed_s"] + n_seeds * per_seed) / 60
+
+
+def run_seed(out: Path, seed: int, settings: run.DemoSettings, methods: list[lab.Method], heldout, heldout_file,
+             log) -> tuple[dict, dict]:
+    """Every row of one seed ({key: metrics}) and the seed's own timings."""
     s = dataclasses.replace(settings, seed=seed)
-    root = out / f"seed{seed}"
-    root.mkdir(parents=True, exist_ok=True)
-    tokenizer = assets.build_tokenizer(root / "tokenizer")
-    files = run.write_data(root, s)
-    run.warm_up_student(root, files["sft"], tokenizer, s, progress=False)
-    teacher = models.from_pretrained(assets.TEACHER_DIR)
-    pairs = run.heldout_pairs(root, teacher, tokenizer, out / "heldout.jsonl", s)
-    rows = {"student (warm-up only)": run.evaluate_model(models.from_pretrained(root / "student_sft"), teacher,
-                                                         tokenizer, heldout, pairs)}
-    teacher_file = None
-    for name in methods:
-        objective, extra = METHODS[name]
-        t0 = time.perf_counter()
-        cfg = run.train_config(root, s, objective, teacher_responses=teacher_file, run_name=slug(name),
-                               overrides={"logging.progress": False, **extra})
-        result = api.train(cfg, log=lambda m: None)
-        if teacher_file is None:
-            teacher_file = Path(cfg.run_dir) / "data" / "teacher.jsonl"
-        rows[name] = run.evaluate_model(api.restore_student(result.run_dir), teacher, tokenizer, heldout, pairs)
-        rows[name]["train_s"] = round(time.perf_counter() - t0, 1)
-        r = rows[name]
-        log(f"seed {seed} {name}: exact match {r['exact_match']:.3f}, NLL {r['nll']:.4f}, "
-            f"acceptance {r['acceptance']:.3f} ({r['train_s']:.0f} s)")
-    rows["teacher"] = run.evaluate_model(teacher, teacher, tokenizer, heldout, pairs)
-    return rows
+    start = lab.prepare_start(out / f"seed{seed}", s, heldout, heldout_file)
+    rows = {"teacher": lab.measure(start.teacher, start, "teacher"),
+            "warmup": lab.measure(start.student(), start, "warmup")}
+    for m in methods:
+        r = rows[m.key] = lab.train_and_measure(start, m)
+        if "diverged" in r:
+            log(f"seed {seed} {m.label}: DIVERGED ({r['diverged']})")
+            continue
+        log(f"seed {seed} {m.label}: exact match {r['exact_match']:.3f}, NLL {r['nll']:.4f}, "
+            f"own NLL {r['own_nll']:.4f}, acceptance {r['acceptance']:.3f} "
+            f"(train {r['train_s']:.0f} s, eval {r['eval_s']:.0f} s)")
+    return rows, start.timings
 
 
-def _mean_std(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+# ------------------------------------------------------------------------------------------ summaries
+def values(results: dict, key: str, metric: str) -> list[float]:
+    """`metric` of row `key` in every seed that has the row, in seed order."""
+    return [lab.value(results[s][key], metric) for s in sorted(results) if key in results[s]]
 
 
-def table(results: dict, names: list[str]) -> str:
-    seeds = sorted(results)
-    head = "| method | exact match | reverse | sort | add | NLL (teacher resp.) ↓ | acceptance ↑ |"
-    lines = [head, "|" + "---|" * 7]
-    for name in names:
-        rows = [results[s][name] for s in seeds if name in results[s]]
-        cells = [_mean_std([r["exact_match"] for r in rows])]
-        cells += [_mean_std([r["per_skill"][k] for r in rows]) for k in ("reverse", "sort", "add")]
-        cells += [_mean_std([r["nll"] for r in rows])]
-        cells += [_mean_std([r["acceptance"] for r in rows]) if "acceptance" in rows[0] else "—"]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+def summarize(results: dict, keys: list[str]) -> dict:
+    """{key: {metric: mean_ci}} and {reference: {key: {metric: paired difference + bootstrap}}}."""
+    summary = {k: {m: stats.mean_ci(values(results, k, m)).to_dict() for m, _, _ in METRICS
+                   if values(results, k, m)} for k in keys}
+    paired = {}
+    for ref in REFERENCES:
+        if ref not in keys:
+            continue
+        paired[ref] = {}
+        for k in keys:
+            if k in (ref, *BASE):
+                continue
+            seeds = [s for s in sorted(results) if k in results[s] and ref in results[s]]
+            paired[ref][k] = {}
+            for m, _, _ in METRICS:
+                a = [lab.value(results[s][k], m) for s in seeds]
+                b = [lab.value(results[s][ref], m) for s in seeds]
+                d = stats.paired_difference(a, b).to_dict()
+                d["bootstrap"] = stats.paired_bootstrap(a, b)
+                paired[ref][k][m] = d
+    return {"per_method": summary, "paired": paired}
+
+
+def _mean_sd(d: dict, spec: str) -> str:
+    if d["mean"] != d["mean"]:
+        return "—"
+    return format(d["mean"], spec) if d["n"] == 1 else f"{d['mean']:{spec}} ± {d['sd']:{spec}}"
+
+
+def _diff(d: dict, spec: str) -> str:
+    if d["mean"] != d["mean"]:
+        return "—"
+    if d["n"] == 1:
+        return f"{d['mean']:+{spec}}"
+    cell = f"{d['mean']:+{spec}} [{d['low']:+{spec}}, {d['high']:+{spec}}]"
+    return f"**{cell}**" if d["low"] > 0 or d["high"] < 0 else cell
+
+
+def table(summary: dict, keys: list[str], names: dict | None = None) -> str:
+    """Mean ± sd over seeds of every metric, one row per key."""
+    names = names or {}
+    lines = ["| method | " + " | ".join(c for _, c, _ in METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
+    for k in keys:
+        if k in summary["per_method"]:
+            s = summary["per_method"][k]
+            cells = [_mean_sd(s[m], spec) if m in s else "—" for m, _, spec in METRICS]
+            lines.append(f"| {names.get(k, label(k))} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD")
+def diff_table(summary: dict, ref: str, keys: list[str]) -> str:
+    """Paired differences (method - ref) with 95% t-intervals, one row per key."""
+    lines = ["| method − " + label(ref) + " | " + " | ".join(c for _, c, _ in METRICS) + " |",
+             "|---" * (len(METRICS) + 1) + "|"]
+    for k in keys:
+        if k in summary["paired"].get(ref, {}):
+            d = summary["paired"][ref][k]
+            lines.append(f"| {label(k)} | " + " | ".join(_diff(d[m], spec) for m, _, spec in METRICS) + " |")
+    return "\n".join(lines)
+
+
+def report(summary: dict, keys: list[str], n_seeds: int) -> str:
+    """The markdown of every table: methods, ablation, paired differences against each reference."""
+    main = [k for k in ("teacher", "warmup", *MAIN) if k in keys]
+    abl = [k for k in ABLATION if k in keys]
+    parts = [table(summary, main)]
+    if len(abl) > 1:
+        parts += ["Ablation (each of the first three rows adds one part; the last changes b's schedule):",
+                  table(summary, abl, ABLATION_LABELS)]
+    trained = [k for k in keys if k not in BASE]
+    seeds = f"{n_seeds} seed{'' if n_seeds == 1 else 's'}"
+    for ref in REFERENCES:
+        if ref in summary["paired"]:
+            parts += [f"Paired difference against {label(ref)} (mean over {seeds} of method − {label(ref)}, "
+                      "95% t-interval; bold: the interval excludes 0):",
+                      diff_table(summary, ref, [k for k in trained if k != ref])]
+    return "\n\n".join(parts)
+
+
+# ------------------------------------------------------------------------------------------ command line
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="methods (key: label):\n  " + "\n  ".join(m.describe() for m in METHODS))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--methods", nargs="+", metavar="METHOD", help="keys or labels (default: all, see below)")
     ap.add_argument("--out", default="runs/compare")
-    ap.add_argument("--table", default="docs/experiments.md", help="markdown file the table is written into")
+    ap.add_argument("--table", default=None, metavar="FILE",
+                    help="markdown file the tables are written into, '' for none "
+                         "(default docs/experiments.md; none with --quick)")
     ap.add_argument("--quick", action="store_true", help="the demo's reduced sizes (a smoke test)")
-    args = ap.parse_args()
+    ap.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE", dest="assignments",
+                    help="change a demo size, e.g. --set distill_prompts=256 epochs=3 (run.DemoSettings fields)")
+    ap.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
+                    help="do not start a seed that the projection says would end after this")
+    ap.add_argument("--estimate", action="store_true", help="print the time estimate and exit")
+    args = ap.parse_args(argv)
+    if len(set(args.seeds)) != len(args.seeds):
+        ap.error(f"--seeds: repeated seed in {args.seeds}")
+    if args.time_budget is not None and args.time_budget <= 0:
+        ap.error("--time-budget: must be > 0 minutes")
+    try:
+        args.methods = lab.pick_methods(args.methods, METHODS)
+    except UserError as e:
+        ap.error(f"--methods: {e}")
+    try:
+        args.settings = lab.demo_settings(args.quick, args.assignments)
+    except UserError as e:
+        ap.error(f"--set: {e}")
+    if args.table is None:
+        args.table = "" if args.quick else "docs/experiments.md"
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    settings = args.settings
+    methods, seeds = args.methods, args.seeds
+    estimate = estimate_minutes(settings, len(seeds), methods)
+    print(f"{len(seeds)} seeds x {len(methods)} methods: estimated {estimate:.0f} min on a 2-core CPU "
+          f"(~{estimate / len(seeds):.1f} min per seed)", flush=True)
+    if args.estimate:
+        return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    # Every run compiles the same shapes: the persistent cache turns later compiles into loads.
-    jax.config.update("jax_compilation_cache_dir", str(out / "jax_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    settings = run.DemoSettings.quick() if args.quick else run.DemoSettings()
-    heldout = task.make_examples(settings.heldout, seed=0, split="heldout")
-    task.write_jsonl(out / "heldout.jsonl", heldout)
+    lab.use_compile_cache(out)
+    heldout, heldout_file = lab.heldout_set(out, settings)
     log = lambda m: print(m, flush=True)  # noqa: E731
     t0 = time.perf_counter()
-    results = {}
-    for seed in args.seeds:
-        results[seed] = run_seed(out, seed, settings, args.methods, heldout, log)
-        (out / "results.json").write_text(json.dumps({"settings": dataclasses.asdict(settings),
-                                                       "results": results}, indent=2) + "\n")
+    results, timings, skipped = {}, {}, []
+    for i, seed in enumerate(seeds):
+        elapsed = time.perf_counter() - t0
+        if i and args.time_budget is not None and elapsed * (i + 1) / i > args.time_budget * 60:
+            skipped = seeds[i:]
+            log(f"time budget: {elapsed / 60:.1f} min for {i} seeds; seed {seed} would end past "
+                f"{args.time_budget:g} min, so seeds {skipped} are skipped")
+            break
+        clock = lab.Clock()
+        results[seed], timings[seed] = run_seed(out, seed, settings, methods, heldout, heldout_file, log)
+        timings[seed].update(clock.lap("seed"))
+        done = time.perf_counter() - t0
+        log(f"seed {seed} done in {timings[seed]['seed_s'] / 60:.1f} min; projected total "
+            f"{done / (i + 1) * len(seeds) / 60:.1f} min (estimate was {estimate:.0f})")
+        _write_results(out, settings, seeds, methods, results, timings, done, estimate, skipped)
     wall = time.perf_counter() - t0
-    names = ["teacher", "student (warm-up only)", *[m for m in args.methods if m not in ABLATION or m == "DistiLLM-2"]]
-    ablation = [m for m in ABLATION if m in args.methods]
-    text = "\n\n".join([table(results, names), "Ablation (each row adds one part):", table(results, ablation)])
-    print(text)
-    print(f"\n{len(args.seeds)} seeds, {len(args.methods)} methods in {wall / 60:.1f} min")
+    keys = ["teacher", "warmup", *(m.key for m in methods)]
+    summary = _write_results(out, settings, seeds, methods, results, timings, wall, estimate, skipped)
+    text = report(summary, keys, len(results))
+    print("\n" + text)
+    print(f"\n{len(results)} seeds, {len(methods)} methods in {wall / 60:.1f} min -> {out / 'results.json'}")
     if args.table:
-        write_table(Path(args.table), text, settings, args.seeds, wall, " ".join(sys.argv[1:]))
+        argv_text = " ".join(sys.argv[1:] if argv is None else argv)
+        s = settings
+        lab.write_block(Path(args.table), "compare.py table",
+                        f"`python experiments/compare.py {argv_text}`: seeds {sorted(results)}, {s.epochs} epochs "
+                        f"over {s.distill_prompts} prompts (batch {s.global_batch}, lr {s.lr}), student warm-up "
+                        f"{s.sft_steps} steps, {s.heldout} held-out prompts; mean ± standard deviation over seeds; "
+                        f"{wall / 60:.1f} min.\n\n{text}")
+    return 0
 
 
-def write_table(path: Path, text: str, s, seeds, wall: float, argv: str) -> None:
-    """Replace the generated block of `path` (between the markers) with the new table."""
-    start, end = "<!-- compare.py table: start -->", "<!-- compare.py table: end -->"
-    block = (f"{start}\n`python experiments/compare.py {argv}`: seeds {seeds}, {s.epochs} epochs over "
-             f"{s.distill_prompts} prompts (batch {s.global_batch}, lr {s.lr}), student warm-up {s.sft_steps} steps, "
-             f"{s.heldout} held-out prompts; mean ± standard deviation over seeds; {wall / 60:.1f} min.\n\n"
-             f"{text}\n{end}")
-    old = path.read_text() if path.exists() else f"# Experiments\n\n{start}\n{end}\n"
-    if start in old and end in old:
-        new = old[: old.index(start)] + block + old[old.index(end) + len(end):]
-    else:
-        new = old.rstrip() + "\n\n" + block + "\n"
-    path.write_text(new)
-    print(f"table written to {path}")
+def _write_results(out: Path, settings, seeds, methods, results, timings, wall, estimate, skipped) -> dict:
+    keys = ["teacher", "warmup", *(m.key for m in methods)]
+    summary = summarize(results, keys)
+    data = {"settings": dataclasses.asdict(settings), "seeds": seeds, "skipped_seeds": skipped,
+            "methods": {m.key: dataclasses.asdict(m) for m in methods},
+            "labels": {k: label(k) for k in keys}, "results": results, "summary": summary,
+            "timings": timings, "wall_s": round(wall, 1), "estimate_min": round(estimate, 1)}
+    (out / "results.json").write_text(lab.to_json(data))
+    return summary
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        sys.exit(main())
+    except UserError as e:
+        sys.exit(f"error: {e}")

@@ -38,6 +38,33 @@ def test_b_schedules_exact():
         cur.b_schedule("cosine", step=0, total_steps=10)
 
 
+def test_b_paper_e_from_1_readings():
+    """The printed rule with e counted from 1 (docs/experiments.md, "The b schedule: readings")."""
+    def b(step, epoch, total, epochs, period):
+        return float(cur.b_paper(step, total, epoch, epochs, period=period, first_epoch=1))
+
+    # E = 3, 100 steps per epoch, T = steps per epoch: b = clip(1/3 + tau/100, 0.5, 1) in epoch 1,
+    # 1 from tau = 67 (two thirds in) to its end; epoch 2 restarts at 2/3 and is back at 1 from
+    # tau = 34; epoch 3 (e/E = 1) is 1 throughout.
+    for (step, epoch), want in {(0, 0): 0.5, (16, 0): 0.5, (50, 0): 1 / 3 + 0.5, (66, 0): 1 / 3 + 0.66,
+                                (67, 0): 1.0, (99, 0): 1.0, (100, 1): 2 / 3, (133, 1): 2 / 3 + 0.33,
+                                (134, 1): 1.0, (200, 2): 1.0, (299, 2): 1.0}.items():
+        np.testing.assert_allclose(b(step, epoch, 300, 3, "epoch"), want, rtol=1e-6, err_msg=str((step, epoch)))
+    # E = 2: b = 0.5 + tau/100 in epoch 1, 1 from its middle on
+    for (step, epoch), want in {(0, 0): 0.5, (30, 0): 0.8, (50, 0): 1.0, (99, 0): 1.0, (100, 1): 1.0}.items():
+        np.testing.assert_allclose(b(step, epoch, 200, 2, "epoch"), want, rtol=1e-6, err_msg=str((step, epoch)))
+    # T = run, e from 1: b = clip((step + steps per epoch) / total, 0.5, 1), 1 from the last epoch on
+    for (step, epoch), want in {(0, 0): 0.5, (75, 0): 1 / 3 + 0.25, (150, 1): 2 / 3 + 50 / 300, (199, 1): 299 / 300,
+                                (200, 2): 1.0, (299, 2): 1.0}.items():
+        np.testing.assert_allclose(b(step, epoch, 300, 3, "run"), want, rtol=1e-6, err_msg=str((step, epoch)))
+    # through b_schedule, and e from 0 is unchanged by the new argument
+    np.testing.assert_allclose(cur.b_schedule("paper", step=50, total_steps=300, epoch=0, num_epochs=3,
+                                              paper_period="epoch", paper_first_epoch=1), 1 / 3 + 0.5, rtol=1e-6)
+    np.testing.assert_allclose(cur.b_paper(150, 300, 1, 3, first_epoch=0), cur.b_paper(150, 300, 1, 3), rtol=0)
+    with pytest.raises(ValueError, match="first_epoch="):
+        cur.b_paper(0, 300, 0, 3, first_epoch=2)
+
+
 def test_skew_alpha_easy_small_hard_a0():
     m = 0.2
     gap = jnp.array([0.0, 0.1, 0.19, 0.2, 0.5, -0.3])

@@ -45,17 +45,101 @@ def markdown(results: dict, text_table: str) -> str:
     return "\n".join(lines)
 
 
+def b_readings(total_steps: int, num_epochs: int, b0: float = 0.5) -> dict[str, "np.ndarray"]:
+    """b at optimizer steps 0 .. total_steps - 1 under each reading of the b schedule.
+
+    The paper's printed rule b = clip(e/E + tau/T, b0, 1) read three ways (`curriculum.b_paper`;
+    docs/experiments.md, "The b schedule: readings"), the authors' code ramp and a constant b.
+    The first key is the trainer's `paper` schedule.
+    """
+    import numpy as np
+
+    from distillm2_jax import curriculum as cur
+
+    spe = max(total_steps // num_epochs, 1)
+    step = np.arange(total_steps)
+    epoch = np.minimum(step // spe, num_epochs - 1)
+    paper = dict(steps_per_epoch=spe, b0=b0)
+    curves = {
+        "paper: T = run, e from 0 (trainer's 'paper')": cur.b_paper(step, total_steps, epoch, num_epochs, **paper),
+        "paper: T = epoch, e from 0": cur.b_paper(step, total_steps, epoch, num_epochs, period="epoch", **paper),
+        "paper literal: T = epoch, e from 1": cur.b_paper(step, total_steps, epoch, num_epochs, period="epoch",
+                                                          first_epoch=1, **paper),
+        "authors' code: linear 0.5 -> 0.75": cur.b_linear(step, total_steps, b0=b0),  # b_end as the trainer
+        "constant": np.full(total_steps, b0),
+    }
+    return {k: np.asarray(v, np.float64) for k, v in curves.items()}
+
+
+def _run_b0(run_dir) -> float:
+    """objective.beta (b0) of a run folder's config.yaml; the default 0.5 when it cannot be read."""
+    try:
+        import yaml
+
+        return float(yaml.safe_load((Path(run_dir) / "config.yaml").read_text())["objective"]["beta"])
+    except (OSError, KeyError, TypeError, ValueError, AttributeError):
+        return 0.5
+
+
+def _logged_b(records: list[dict]) -> tuple[list[tuple[int, float]], int]:
+    """(step, b) of every logged record, and the run's number of epochs."""
+    from distillm2_jax.train.metrics import to_float
+
+    logged = [(int(r["step"]), to_float(r["beta"])) for r in records if r.get("beta") is not None]
+    return logged, max((int(r.get("epoch", 1)) for r in records), default=1)
+
+
+def readings_used(records: list[dict], b0: float = 0.5) -> list[str]:
+    """The names of `b_readings` whose b equals the b a run logged at every logged step.
+
+    A record's step k is optimizer step k - 1 (b is computed before the update); the run's
+    length is its last logged step (the trainer logs the last step of every epoch).
+    """
+    logged, epochs = _logged_b(records)
+    total = max((s for s, _ in logged), default=0)
+    if total < 1:
+        return []
+    return [name for name, b in b_readings(total, epochs, b0).items()
+            if all(abs(b[s - 1] - v) < 1e-5 for s, v in logged)]
+
+
+def _plot_b_readings(ax, records: list[dict], b0: float, title: str) -> None:
+    """Every reading's b over the run's steps; the reading(s) equal to the run's logged b are marked."""
+    import numpy as np
+
+    logged, epochs = _logged_b(records)
+    total = max((s for s, _ in logged), default=0)
+    if total < 1:
+        ax.set_title("b readings (no steps logged)")
+        return
+    used = readings_used(records, b0)
+    x = np.arange(1, total + 1)              # logged step k is optimizer step k - 1
+    styles = ("-", "--", ":", "-.", (0, (6, 2, 1, 2)))
+    for i, (name, b) in enumerate(b_readings(total, epochs, b0).items()):
+        # decreasing widths and distinct dashes keep overlapping readings visible
+        ax.plot(x, b, linewidth=5.0 - 0.9 * i, linestyle=styles[i % len(styles)], alpha=0.85,
+                label=name + ("  <- this run" if name in used else ""))
+    ax.plot(*zip(*logged), "k.", markersize=3, label="b logged by the run")
+    for e in range(1, epochs):
+        ax.axvline(e * total / epochs + 0.5, color="gray", linewidth=0.8, alpha=0.6)
+    ax.set_ylim(0.45, 1.05)
+    ax.set_title(f"{title}: b under each reading of the schedule (E = {epochs})"
+                 + ("" if used else "; the run's logged b matches none of them"))
+
+
 def plot_curves(run_dirs: dict[str, str | os.PathLike], out: str | os.PathLike) -> Path:
-    """One PNG: each run's loss, DistiLLM-2's SKL/SRKL parts, and its a range and b per step."""
+    """One PNG: each run's loss, DistiLLM-2's SKL/SRKL parts, its a range and b per step, and the
+    b curve of every reading of the schedule over the first run's steps (the one it used marked)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     from distillm2_jax.train.metrics import read_metrics, to_float
 
     records = {name: read_metrics(Path(d)) for name, d in run_dirs.items()}
-    fig = Figure(figsize=(12, 6.5), layout="constrained")
+    fig = Figure(figsize=(12, 9.5), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(2, 2).ravel()
+    panels = fig.subplot_mosaic([["loss", "parts"], ["alpha", "b"], ["readings", "readings"]])
+    axes = [panels[k] for k in ("loss", "parts", "alpha", "b", "readings")]
 
     def series(recs, key):
         pts = [(r["step"], to_float(r.get(key))) for r in recs if r.get(key) is not None]
@@ -70,12 +154,13 @@ def plot_curves(run_dirs: dict[str, str | os.PathLike], out: str | os.PathLike) 
             if y:
                 axes[1].plot(x, y, label=f"{NAMES.get(name, name)} {key}", linewidth=1.2)
     axes[1].set_title("divergence parts")
-    main = next(iter(records.values()))
+    first = next(iter(records))
+    main = records[first]
     for key in ("alpha_min", "alpha_mean", "alpha_max"):
         x, y = series(main, key)
         if y:
             axes[2].plot(x, y, label=key, linewidth=1.2)
-    axes[2].set_title(f"{NAMES.get(next(iter(records)), '')} skew a (curriculum from epoch 2)")
+    axes[2].set_title(f"{NAMES.get(first, '')} skew a (curriculum from epoch 2)")
     x, y = series(main, "beta")
     axes[3].plot(x, y, label="b", linewidth=1.2)
     x, y = series(main, "lr")
@@ -84,11 +169,14 @@ def plot_curves(run_dirs: dict[str, str | os.PathLike], out: str | os.PathLike) 
         ax2.plot(x, y, color="gray", linestyle="--", linewidth=1.0, label="lr")
         ax2.set_ylabel("lr")
     axes[3].set_title("b (weight of SRKL) and learning rate")
+    _plot_b_readings(axes[4], main, _run_b0(run_dirs[first]), NAMES.get(first, first))
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.set_xlabel("step")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
+    if axes[4].get_legend_handles_labels()[0]:
+        axes[4].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))  # beside the crossing curves
     out = Path(out)
     fig.savefig(out, format="png", dpi=100)
     return out

@@ -1,0 +1,159 @@
+"""Small-sample statistics for comparing training runs over seeds: mean, t-interval, paired difference.
+
+An experiment here has a handful of seeds (3-10), so the intervals use Student's t with n - 1
+degrees of freedom, not the normal 1.96. The t quantile is computed exactly, without scipy
+(not a dependency of this package): the two-sided t probability P(|T| <= t) has a closed form for
+integer degrees of freedom (Abramowitz & Stegun 26.7.3-4, a finite series in cos(atan(t / sqrt(df)))),
+which is inverted by bisection to ~1e-12. Beyond ``_SERIES_MAX_DF`` degrees of freedom the
+Cornish-Fisher expansion around the normal quantile is used (error < 1e-7 there).
+
+Paired differences are the right comparison when every method of a seed starts from the same
+warmed-up student and data: the seed's strength then moves both methods together and cancels
+in the difference, while it inflates the spread of each method's own mean.
+
+With one value (n = 1) there is no spread: sd, se and the interval are NaN (not an error), so a
+one-seed smoke run still reports its means. An empty input or unequal lengths raise ValueError.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from statistics import NormalDist
+from typing import Sequence
+
+import numpy as np
+
+_SERIES_MAX_DF = 200
+
+
+def _t_two_sided_mass(t: float, df: int) -> float:
+    """P(|T| <= t) for T ~ Student t with integer df >= 1 and t >= 0 (A&S 26.7.3 / 26.7.4)."""
+    theta = math.atan(t / math.sqrt(df))
+    s, c = math.sin(theta), math.cos(theta)
+    c2 = c * c
+    if df % 2:  # odd: (2/pi) (theta + sin cos (1 + 2/3 c^2 + 2*4/(3*5) c^4 + ... up to c^(df-3)))
+        if df == 1:
+            return 2.0 * theta / math.pi
+        term, total = 1.0, 1.0
+        for k in range(1, (df - 3) // 2 + 1):
+            term *= c2 * (2 * k) / (2 * k + 1)
+            total += term
+        return 2.0 / math.pi * (theta + s * c * total)
+    # even: sin (1 + 1/2 c^2 + 1*3/(2*4) c^4 + ... up to c^(df-2))
+    term, total = 1.0, 1.0
+    for k in range(1, (df - 2) // 2 + 1):
+        term *= c2 * (2 * k - 1) / (2 * k)
+        total += term
+    return s * total
+
+
+def t_quantile(p: float, df: int) -> float:
+    """The p-quantile of Student's t with `df` (a positive integer) degrees of freedom.
+
+    Exact (bisection on the closed-form distribution) up to 200 df, Cornish-Fisher beyond.
+    """
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"p={p}: must be in (0, 1)")
+    if int(df) != df or df < 1:
+        raise ValueError(f"df={df}: must be a positive integer")
+    df = int(df)
+    if p < 0.5:
+        return -t_quantile(1.0 - p, df)
+    if p == 0.5:
+        return 0.0
+    mass = 2.0 * p - 1.0  # P(|T| <= q)
+    if df > _SERIES_MAX_DF:
+        z = NormalDist().inv_cdf(p)
+        return (z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+                + (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / (384 * df ** 3))
+    lo, hi = 0.0, 1.0
+    while _t_two_sided_mass(hi, df) < mass:
+        hi *= 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if _t_two_sided_mass(mid, df) < mass:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-13 * max(hi, 1.0):
+            break
+    return 0.5 * (lo + hi)
+
+
+@dataclasses.dataclass(frozen=True)
+class Interval:
+    """A mean over n values with its spread and a two-sided t confidence interval.
+
+    sd: sample standard deviation (n - 1 in the denominator); se = sd / sqrt(n);
+    [low, high] = mean -/+ t_{(1+level)/2, n-1} * se. NaN spread and interval when n == 1.
+    """
+    mean: float
+    sd: float
+    se: float
+    low: float
+    high: float
+    n: int
+    level: float = 0.95
+
+    def excludes_zero(self) -> bool:
+        """True when the whole interval is on one side of 0 (False for a NaN interval)."""
+        return bool(self.low > 0 or self.high < 0)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _as_array(values: Sequence[float], what: str) -> np.ndarray:
+    x = np.asarray(values, dtype=np.float64).reshape(-1)
+    if x.size == 0:
+        raise ValueError(f"{what}: no values")
+    return x
+
+
+def _interval(x: np.ndarray, level: float) -> Interval:
+    n = int(x.size)
+    mean = float(np.mean(x))
+    if n == 1:
+        nan = float("nan")
+        return Interval(mean, nan, nan, nan, nan, 1, level)
+    sd = float(np.std(x, ddof=1))
+    se = sd / math.sqrt(n)
+    half = t_quantile(0.5 + level / 2.0, n - 1) * se
+    return Interval(mean, sd, se, mean - half, mean + half, n, level)
+
+
+def mean_ci(values: Sequence[float], *, level: float = 0.95) -> Interval:
+    """Mean of `values` with the t-interval for the population mean (level 95% by default)."""
+    return _interval(_as_array(values, "mean_ci"), level)
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], *, level: float = 0.95) -> Interval:
+    """The mean of a[i] - b[i] over paired values (one pair per seed) with its t-interval.
+
+    A paired t-interval: the per-seed differences are treated as n independent draws, so the
+    interval is mean(d) -/+ t_{0.975, n-1} * sd(d) / sqrt(n) at level 0.95.
+    """
+    x, y = _as_array(a, "paired_difference a"), _as_array(b, "paired_difference b")
+    if x.shape != y.shape:
+        raise ValueError(f"paired_difference: {x.size} values against {y.size}; pairs need equal lengths")
+    return _interval(x - y, level)
+
+
+def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, level: float = 0.95, resamples: int = 10_000,
+                     seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of mean(a - b): resample the seeds (pairs) with replacement.
+
+    Makes no normality assumption, but with few seeds it is too narrow (it cannot see spread the
+    n values do not show; with n = 5 there are only 126 distinct resamples): report it next to the
+    t-interval, not instead of it. NaN interval for n == 1.
+    """
+    x, y = _as_array(a, "paired_bootstrap a"), _as_array(b, "paired_bootstrap b")
+    if x.shape != y.shape:
+        raise ValueError(f"paired_bootstrap: {x.size} values against {y.size}; pairs need equal lengths")
+    if x.size == 1:
+        return float("nan"), float("nan")
+    d = x - y
+    idx = np.random.default_rng(seed).integers(0, d.size, size=(resamples, d.size))
+    means = d[idx].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)

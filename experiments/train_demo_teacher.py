@@ -2,11 +2,12 @@
 
 The teacher is the demo architecture's larger model (`demo.assets.TEACHER_CONFIG`) trained by
 plain supervised fine-tuning on freshly drawn examples of the procedural task (split
-"teacher", which never contains a held-out prompt). It is saved in bfloat16 (about 3.4 MB) with
+"teacher", which never contains a held-out prompt) to write the worked solutions. It is saved
+in bfloat16 (about 3.4 MB) with
 the demo tokenizer. Its held-out exact match is printed at the end and recorded in
 distillm2_jax/demo/teacher/training.json.
 
-    python experiments/train_demo_teacher.py [--steps 3000] [--out distillm2_jax/demo/teacher]
+    python experiments/train_demo_teacher.py [--steps 800] [--out distillm2_jax/demo/teacher]
 """
 import argparse
 import json
@@ -16,12 +17,12 @@ from pathlib import Path
 import jax.numpy as jnp
 
 from distillm2_jax import models
-from distillm2_jax.demo import assets, evaluation, sft, task
+from distillm2_jax.demo import assets, evaluation, run, sft, task
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--examples", type=int, default=60_000)
@@ -31,19 +32,19 @@ def main() -> None:
     args = ap.parse_args()
 
     tokenizer = assets.build_tokenizer()
-    data = [(e.prompt, e.answer) for e in task.make_examples(args.examples, seed=args.seed, split="teacher",
-                                                                     distinct=False)]
+    data = [(e.prompt, e.solution) for e in task.make_examples(args.examples, seed=args.seed, split="teacher",
+                                                                       distinct=False)]
     if args.init:
         model = models.from_pretrained(args.init, dtype=jnp.float32)
     else:
         model = models.from_config(assets.TEACHER_CONFIG, seed=args.seed)
     t0 = time.time()
     model, history = sft.finetune(model, data, tokenizer, steps=args.steps, batch_size=args.batch_size,
-                                  lr=args.lr, seed=args.seed, log_every=100, progress=False, max_length=48,
-                                  max_prompt_length=40, warmup=200)
+                                  lr=args.lr, seed=args.seed, log_every=100, progress=False,
+                                  max_length=run.MAX_LENGTH, max_prompt_length=run.MAX_PROMPT_LENGTH, warmup=200)
     train_s = time.time() - t0
     heldout = task.make_examples(600, seed=0, split="heldout")
-    acc = evaluation.task_accuracy(model, heldout, tokenizer)
+    acc = evaluation.task_accuracy(model, heldout, tokenizer, max_new_tokens=run.MAX_NEW_TOKENS)
     print(f"trained {args.steps} steps in {train_s:.0f} s; held-out exact match {acc['exact_match']:.3f} "
           f"({acc['per_skill']})")
     out = Path(args.out)

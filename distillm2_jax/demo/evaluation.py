@@ -8,7 +8,7 @@ from distillm2_jax.demo import task
 
 
 def task_accuracy(model, examples: list[task.Example], tokenizer, *, batch_size: int = 128,
-                  max_new_tokens: int = 12) -> dict:
+                  max_new_tokens: int = 55) -> dict:
     """Greedy responses to `examples`, checked with the task's own checker."""
     res = evaluate.exact_match(
         model, [e.record() for e in examples], tokenizer,

@@ -23,7 +23,10 @@ from pathlib import Path
 
 from distillm2_jax.demo import assets, task
 
-MAX_LENGTH, MAX_PROMPT_LENGTH = 48, 36   # prompts are <= 34 tokens; responses keep <= 12
+# Prompts are <= 35 tokens and worked solutions <= 49 tokens plus the end-of-turn token; training
+# keeps MAX_NEW_TOKENS sampled tokens plus the end-of-turn token.
+MAX_PROMPT_LENGTH, MAX_NEW_TOKENS = 36, 55
+MAX_LENGTH = MAX_PROMPT_LENGTH + MAX_NEW_TOKENS + 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,14 +36,14 @@ class DemoSettings:
     sft_examples: int = 2000
     sft_steps: int = 300
     sft_lr: float = 3e-3
-    distill_prompts: int = 1024
-    heldout: int = 300
+    distill_prompts: int = 2048
+    heldout: int = 200
     epochs: int = 2
-    global_batch: int = 32
+    global_batch: int = 16
     lr: float = 1e-3
     temperature: float = 0.8          # the paper's sampling: temperature 0.8, top-p 0.95
     top_p: float = 0.95
-    max_new_tokens: int = 10
+    max_new_tokens: int = MAX_NEW_TOKENS
     objectives: tuple[str, ...] = ("distillm2", "kd")
 
     @classmethod
@@ -73,19 +76,17 @@ def warm_up_student(out: Path, sft_file: Path, tokenizer, s: DemoSettings, *, pr
 
     records = [json.loads(line) for line in open(sft_file)]
     model = models.from_config(assets.STUDENT_CONFIG, seed=s.seed)
-    model, _ = sft.finetune(model, [(r["prompt"], r["answer"]) for r in records], tokenizer, steps=s.sft_steps,
+    model, _ = sft.finetune(model, [(r["prompt"], r["solution"]) for r in records], tokenizer, steps=s.sft_steps,
                             batch_size=64, lr=s.sft_lr, warmup=max(s.sft_steps // 10, 1), seed=s.seed,
                             max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH, log=None, progress=progress)
     return models.save_pretrained(model, out / "student_sft", tokenizer=tokenizer)
-
-
-ON_POLICY = ("distillm2", "rkl", "gkd", "distillm", "dpkd")
 
 
 def train_config(out: Path, s: DemoSettings, objective: str, *, teacher_responses: Path | None = None,
                  run_name: str | None = None, overrides: dict | None = None):
     """The run configuration of one distillation (a `Config`, as `distillm2 train` reads from YAML)."""
     from distillm2_jax.config import Config
+    from distillm2_jax.losses import STUDENT_RESPONSE_OBJECTIVES
 
     over = {
         "run_dir": str(out / "runs" / (run_name or objective)), "seed": s.seed,
@@ -96,7 +97,7 @@ def train_config(out: Path, s: DemoSettings, objective: str, *, teacher_response
         "generation.temperature": s.temperature, "generation.top_p": s.top_p,
         "generation.max_new_tokens": s.max_new_tokens, "generation.batch_size": 256,
         # Only objectives that train on the student's responses need them regenerated each epoch.
-        "generation.regenerate_student": objective in ON_POLICY,
+        "generation.regenerate_student": objective in STUDENT_RESPONSE_OBJECTIVES,
         "objective.name": objective, "objective.chunk_size": MAX_LENGTH,
         "train.epochs": s.epochs, "train.global_batch": s.global_batch, "train.log_every": 1,
         "optim.lr": s.lr, "optim.warmup_ratio": 0.1,
@@ -131,7 +132,7 @@ def evaluate_model(model, teacher, tokenizer, heldout: list, pairs: Path) -> dic
     from distillm2_jax import evaluate
     from distillm2_jax.demo.evaluation import task_accuracy
 
-    acc = task_accuracy(model, heldout, tokenizer, max_new_tokens=12)
+    acc = task_accuracy(model, heldout, tokenizer, max_new_tokens=MAX_NEW_TOKENS)
     kw = dict(max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH, batch_size=64)
     row = {"exact_match": acc["exact_match"], "per_skill": acc["per_skill"], "malformed": acc["malformed"],
            "samples": acc["responses"][:6]}
@@ -150,7 +151,7 @@ def check_export(export_dir: Path, student, tokenizer) -> dict:
 
     from distillm2_jax import models
 
-    ids = np.asarray([tokenizer.apply_chat_template([{"role": "user", "content": "Reverse: demo"}],
+    ids = np.asarray([tokenizer.apply_chat_template([{"role": "user", "content": "Add: 4785 + 0936"}],
                                                     add_generation_prompt=True)["input_ids"]])
     want = np.asarray(student(ids))
     from transformers import AutoConfig, AutoTokenizer

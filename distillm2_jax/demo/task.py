@@ -1,16 +1,22 @@
-"""The demo's procedural task: short instructions whose answers can be checked exactly.
+"""The demo's procedural task: worked arithmetic whose every step, and final answer, is checkable.
 
-Three skills, mixed in one instruction-following set (every prompt names its skill):
+Two skills, mixed in one instruction-following set (every prompt names its skill). The
+response is a worked solution: one step per digit column, right to left, each step using the
+carry written by the step before it, then the answer assembled from the steps:
 
-    reverse  "Reverse: kitten"      -> "nettik"
-    sort     "Sort: dbca"            -> "abcd"
-    add      "Add: 47 + 85"          -> "132"
+    add  "Add: 4785 + 0936"  -> "5+6+0=11 8+3+1=12 7+9+1=17 4+0+1=05 answer: 05721"
+    mul  "Mul: 785 x 7"      -> "5*7+0=35 8*7+3=59 7*7+5=54 answer: 5495"
 
-The response is the bare answer, so exact match is a string comparison after
-`answers.extract_answer`; a response that does not have the shape of an answer of its skill
-(empty, several lines, letters in a sum, ...) is *malformed* and counts as wrong.
-Examples are a pure function of (n, seed, split), and held-out prompts (a fixed eighth, by
-hash) never appear in a training split.
+Operands and answers are zero-padded to a fixed width, so every step sits at the same place in
+every response. Responses are 40-50 tokens (one byte a token), long enough for an early slip
+to compound: a wrong column sum carries into the next column and into the answer. That is the
+regime in which a student trained only on correct prefixes meets states it never saw, and
+training on its own responses with the teacher's feedback is supposed to help.
+
+Exact match compares the extracted answer (`answers.extract_answer`: the text after
+`answer:`) with the answer solved from the prompt; a response without a well-formed answer of
+the skill's width is *malformed* and counts as wrong. Examples are a pure function of
+(n, seed, split), and held-out prompts (a fixed eighth, by hash) never appear in a training split.
 """
 from __future__ import annotations
 
@@ -23,18 +29,15 @@ from pathlib import Path
 from distillm2_jax import answers
 from distillm2_jax.data import generations
 
-SKILLS = ("reverse", "sort", "add")
-_LETTERS = "abcdefghijklmnopqrstuvwxyz"
-_TEMPLATES = {
-    "reverse": "Reverse: {x}",
-    "sort": "Sort: {x}",
-    "add": "Add: {x}",
+SKILLS = ("add", "mul")
+ADD_DIGITS, MUL_DIGITS = 4, 3
+_PROMPT_RE = {
+    "add": re.compile(rf"^Add: ([0-9]{{{ADD_DIGITS}}}) \+ ([0-9]{{{ADD_DIGITS}}})$"),
+    "mul": re.compile(rf"^Mul: ([0-9]{{{MUL_DIGITS}}}) x ([0-9])$"),
 }
-_PROMPT_RE = re.compile(r"^(Reverse|Sort|Add): (.+)$")
-_SKILL_OF = {"Reverse": "reverse", "Sort": "sort", "Add": "add"}
-# The answer alphabet of each skill: anything else in an extracted answer is malformed.
-_ANSWER_RE = {"reverse": re.compile(r"^[a-z]+$"), "sort": re.compile(r"^[a-z]+$"),
-              "add": re.compile(r"^[0-9]+$")}
+# The answer of each skill: a zero-padded number of fixed width; anything else is malformed.
+_ANSWER_RE = {"add": re.compile(rf"^[0-9]{{{ADD_DIGITS + 1}}}$"),
+              "mul": re.compile(rf"^[0-9]{{{MUL_DIGITS + 1}}}$")}
 # Held-out prompts are a fixed eighth of all prompts, chosen by a hash of the prompt text, so no
 # training split (of any seed, including the one the packaged teacher was trained on) contains one.
 SPLITS = ("teacher", "sft", "distill", "heldout")
@@ -51,56 +54,74 @@ class Example:
     skill: str
     prompt: str
     answer: str
+    solution: str       # the worked response (what supervised training and the teacher produce)
 
     def record(self) -> dict:
-        """The JSONL record the pipeline reads (`prompt`, `answer`, `skill`)."""
-        return {"prompt": self.prompt, "answer": self.answer, "skill": self.skill}
+        """The JSONL record the pipeline reads (`prompt`, `answer`, `solution`, `skill`)."""
+        return {"prompt": self.prompt, "answer": self.answer, "solution": self.solution, "skill": self.skill}
 
 
-def _solve(skill: str, x: str) -> str:
-    if skill == "reverse":
-        return x[::-1]
-    if skill == "sort":
-        return "".join(sorted(x))
-    a, b = (int(t) for t in x.split(" + "))
-    return str(a + b)
+def solve(skill: str, a: str, b: str) -> tuple[str, str]:
+    """(worked solution, answer) for operands as written in the prompt (zero-padded digits)."""
+    steps, digits, carry = [], [], 0
+    if skill == "add":
+        for x, y in zip(reversed(a), reversed(b)):
+            s = int(x) + int(y) + carry
+            steps.append(f"{x}+{y}+{carry}={s:02d}")
+            digits.append(s % 10)
+            carry = s // 10
+    elif skill == "mul":
+        for x in reversed(a):
+            s = int(x) * int(b) + carry
+            steps.append(f"{x}*{b}+{carry}={s:02d}")
+            digits.append(s % 10)
+            carry = s // 10
+    else:
+        raise ValueError(f"unknown skill {skill!r}; expected one of {SKILLS}")
+    answer = f"{carry}" + "".join(str(d) for d in reversed(digits))
+    return " ".join(steps) + f" answer: {answer}", answer
 
 
 def make_example(rng: random.Random, skill: str) -> Example:
-    """One example of `skill`: words of 3-6 letters; sums of two numbers below 100."""
-    if skill in ("reverse", "sort"):
-        x = "".join(rng.choice(_LETTERS) for _ in range(rng.randint(3, 6)))
-    elif skill == "add":
-        x = f"{rng.randint(0, 99)} + {rng.randint(0, 99)}"
+    """One example of `skill` with uniformly drawn operands."""
+    if skill == "add":
+        a, b = (f"{rng.randrange(10 ** ADD_DIGITS):0{ADD_DIGITS}d}" for _ in range(2))
+        prompt = f"Add: {a} + {b}"
+    elif skill == "mul":
+        a, b = f"{rng.randrange(10 ** MUL_DIGITS):0{MUL_DIGITS}d}", str(rng.randrange(10))
+        prompt = f"Mul: {a} x {b}"
     else:
         raise ValueError(f"unknown skill {skill!r}; expected one of {SKILLS}")
-    return Example(skill, _TEMPLATES[skill].format(x=x), _solve(skill, x))
+    solution, answer = solve(skill, a, b)
+    return Example(skill, prompt, answer, solution)
 
 
-def parse_prompt(prompt: str) -> tuple[str, str]:
-    """(skill, operand) of a task prompt; ValueError for a prompt of another shape."""
-    m = _PROMPT_RE.match(prompt.strip())
-    if not m:
-        raise ValueError(f"not a demo task prompt: {prompt!r}")
-    skill, x = _SKILL_OF[m.group(1)], m.group(2)
-    if skill == "add" and not re.fullmatch(r"[0-9]+ \+ [0-9]+", x):
-        raise ValueError(f"not a demo task prompt: {prompt!r}")
-    if skill != "add" and not re.fullmatch(r"[a-z]+", x):
-        raise ValueError(f"not a demo task prompt: {prompt!r}")
-    return skill, x
+def parse_prompt(prompt: str) -> tuple[str, tuple[str, str]]:
+    """(skill, operands) of a task prompt; ValueError for a prompt of another shape."""
+    text = prompt.strip() if isinstance(prompt, str) else ""
+    for skill, pattern in _PROMPT_RE.items():
+        m = pattern.match(text)
+        if m:
+            return skill, (m.group(1), m.group(2))
+    raise ValueError(f"not a demo task prompt: {prompt!r}")
 
 
 def reference_answer(prompt: str) -> str:
     """The exact answer of a task prompt (solved from the prompt, not looked up)."""
-    return _solve(*parse_prompt(prompt))
+    skill, (a, b) = parse_prompt(prompt)
+    return solve(skill, a, b)[1]
+
+
+def reference_solution(prompt: str) -> str:
+    """The worked solution of a task prompt."""
+    skill, (a, b) = parse_prompt(prompt)
+    return solve(skill, a, b)[0]
 
 
 def make_examples(n: int, *, seed: int = 0, split: str = "distill", distinct: bool = True) -> list[Example]:
     """n examples of `split` (skills in rotation), a pure function of (n, seed, split, distinct).
 
-    With `distinct`, no prompt repeats (there are 8750 training and 1250 held-out sums, so at
-    most about 3750 distinct held-out examples); without it, prompts are drawn independently.
-
+    With `distinct`, no prompt repeats; without it, prompts are drawn independently.
     Training splits ("teacher", "sft", "distill") never contain a held-out prompt; different
     training splits draw independent streams (they may share a few prompts, as real SFT and
     distillation sets do).
@@ -141,3 +162,16 @@ def is_correct(prompt: str, response: str) -> bool:
     """Exact match of the extracted answer with the reference; malformed responses are wrong."""
     got = extract(prompt, response)
     return got is not None and got == reference_answer(prompt)
+
+
+def correct_steps(prompt: str, response: str) -> int:
+    """How many leading steps of `response` equal the reference solution's (a finer signal than
+    exact match: where the student's worked solution first goes wrong)."""
+    want = reference_solution(prompt).split(" ")
+    got = response.strip().split(" ")
+    n = 0
+    for w, g in zip(want, got):
+        if w != g or w == "answer:":
+            break
+        n += 1
+    return n

@@ -29,6 +29,8 @@ def test_demo_writes_pairs_of_each_epoch(demo_out):
         rows = [json.loads(line) for line in open(data / f"pairs_epoch{epoch}.jsonl")]
         assert len(rows) == 64
         assert rows[0]["chosen"][-1]["role"] == "assistant" and rows[0]["rejected"][-1]["role"] == "assistant"
+        # the sampled token ids travel with the text (training uses them, not a re-encoding)
+        assert all(isinstance(r["chosen_ids"], list) and isinstance(r["rejected_ids"], list) for r in rows)
     # the student's responses were regenerated for epoch 2 (a different sampling key)
     e1 = [json.loads(line)["response"] for line in open(data / "student_epoch1.jsonl")]
     e2 = [json.loads(line)["response"] for line in open(data / "student_epoch2.jsonl")]
@@ -52,7 +54,7 @@ def test_demo_export_loads_in_transformers_with_matching_logits(demo_out):
     export = demo_out / "student_distillm2"
     hf = AutoModelForCausalLM.from_pretrained(str(export), dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(str(export))
-    ids = tok.apply_chat_template([{"role": "user", "content": "Sort: demo"}], add_generation_prompt=True)["input_ids"]
+    ids = tok.apply_chat_template([{"role": "user", "content": "Add: 4785 + 0936"}], add_generation_prompt=True)["input_ids"]
     with torch.no_grad():
         got = hf(torch.tensor([ids])).logits.numpy()
     want = np.asarray(api.restore_student(demo_out / "runs" / "distillm2")(np.asarray([ids])))

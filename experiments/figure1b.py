@@ -138,7 +138,7 @@ def plot(results: dict, path: Path) -> Path:
     for i, (key, _, what) in enumerate(NLLS):
         ys = [row.get(key, float("nan")) if "diverged" not in row else float("nan") for row in rows.values()]
         xs = [j + (i - (len(NLLS) - 1) / 2) * width for j in range(len(rows))]
-        bars = ax.bar(xs, ys, width, label=f"NLL of the {what}")
+        bars = ax.bar(xs, ys, width, label=f"NLL of {what}")
         ax.bar_label(bars, labels=[f"{y:.2f}" if math.isfinite(y) else "" for y in ys], fontsize=7)
         finite += [y for y in ys if math.isfinite(y) and y > 0]
     if finite and max(finite) / min(finite) > 30:

@@ -191,30 +191,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="methods (key: label):\n  " + "\n  ".join(m.describe() for m in METHODS))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    ap.add_argument("--methods", nargs="+", metavar="METHOD", help="keys or labels (default: all, see below)")
     ap.add_argument("--out", default="runs/compare")
     ap.add_argument("--table", default=None, metavar="FILE",
                     help="markdown file the tables are written into, '' for none "
                          "(default docs/experiments.md; none with --quick)")
-    ap.add_argument("--quick", action="store_true", help="the demo's reduced sizes (a smoke test)")
-    ap.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE", dest="assignments",
-                    help="change a demo size, e.g. --set distill_prompts=256 epochs=3 (run.DemoSettings fields)")
     ap.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
                     help="do not start a seed that the projection says would end after this")
     ap.add_argument("--estimate", action="store_true", help="print the time estimate and exit")
+    lab.add_run_args(ap)
     args = ap.parse_args(argv)
     if len(set(args.seeds)) != len(args.seeds):
         ap.error(f"--seeds: repeated seed in {args.seeds}")
     if args.time_budget is not None and args.time_budget <= 0:
         ap.error("--time-budget: must be > 0 minutes")
-    try:
-        args.methods = lab.pick_methods(args.methods, METHODS)
-    except UserError as e:
-        ap.error(f"--methods: {e}")
-    try:
-        args.settings = lab.demo_settings(args.quick, args.assignments)
-    except UserError as e:
-        ap.error(f"--set: {e}")
+    lab.resolve_run_args(ap, args, METHODS)
     if args.table is None:
         args.table = "" if args.quick else "docs/experiments.md"
     return args

@@ -71,6 +71,26 @@ def pick_methods(names: Sequence[str] | None, registry: Sequence[Method]) -> lis
     return [m for m in registry if m.key in wanted]
 
 
+def add_run_args(ap) -> None:
+    """The options compare.py and figure1b.py share: --methods, --quick, --set."""
+    ap.add_argument("--methods", nargs="+", metavar="METHOD", help="keys or labels (default: all, see below)")
+    ap.add_argument("--quick", action="store_true", help="the demo's reduced sizes (a smoke test)")
+    ap.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE", dest="assignments",
+                    help="change a demo size, e.g. --set distill_prompts=256 epochs=3 (run.DemoSettings fields)")
+
+
+def resolve_run_args(ap, args, registry: Sequence[Method]) -> None:
+    """Turn --methods and --quick/--set into `args.methods` and `args.settings` (argparse errors)."""
+    try:
+        args.methods = pick_methods(args.methods, registry)
+    except UserError as e:
+        ap.error(f"--methods: {e}")
+    try:
+        args.settings = demo_settings(args.quick, args.assignments)
+    except UserError as e:
+        ap.error(f"--set: {e}")
+
+
 def demo_settings(quick: bool = False, assignments: Sequence[str] = ()) -> run.DemoSettings:
     """`DemoSettings()` (or `.quick()`) with `field=value` assignments, e.g. "distill_prompts=256".
 

@@ -158,22 +158,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="methods (key: label):\n  " + "\n  ".join(m.describe() for m in METHODS))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--methods", nargs="+", metavar="METHOD", help="keys or labels (default: all, see below)")
     ap.add_argument("--out", default="runs/figure1b")
-    ap.add_argument("--quick", action="store_true", help="the demo's reduced sizes (a smoke test)")
-    ap.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE", dest="assignments",
-                    help="change a demo size, e.g. --set distill_prompts=256 epochs=3 (run.DemoSettings fields)")
     ap.add_argument("--table", nargs="?", const="docs/experiments.md", default=None, metavar="FILE",
                     help="also write the table into FILE (default docs/experiments.md) between its markers")
+    lab.add_run_args(ap)
     args = ap.parse_args(argv)
-    try:
-        args.methods = lab.pick_methods(args.methods, METHODS)
-    except UserError as e:
-        ap.error(f"--methods: {e}")
-    try:
-        args.settings = lab.demo_settings(args.quick, args.assignments)
-    except UserError as e:
-        ap.error(f"--set: {e}")
+    lab.resolve_run_args(ap, args, METHODS)
     return args
 
 

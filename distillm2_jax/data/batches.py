@@ -187,8 +187,11 @@ class PairTokenizer:
 
     def __init__(self, tokenizer, *, max_length: int, max_prompt_length: int,
                  plain_fallback: bool = False, eot_id: int | None = None,
-                 max_response_length: int | None = None):
+                 max_response_length: int | None = None, ids_checked: bool = False):
         check_lengths(max_length, max_prompt_length)
+        # ids_checked: the pairs' stored ids already passed `check_stored_ids` (the trainer checks
+        # each epoch's file once when reading it), so batches skip decoding them again.
+        self.ids_checked = ids_checked
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.max_prompt_length = max_prompt_length
@@ -205,8 +208,9 @@ class PairTokenizer:
         if self._fingerprint is None and any(getattr(p, f"{side}_ids") is not None for p in pairs):
             self._fingerprint = tokenizer_fingerprint(self.tokenizer)
         out = [stored_ids(p, side, self._fingerprint) for p in pairs]
-        _check_ids_match_text(self.tokenizer, [(p, side, ids) for p, ids in zip(pairs, out)
-                                               if ids is not None], self.eot_id)
+        if not self.ids_checked:
+            _check_ids_match_text(self.tokenizer, [(p, side, ids) for p, ids in zip(pairs, out)
+                                                   if ids is not None], self.eot_id)
         todo = [k for k, ids in enumerate(out) if ids is None]
         for k, ids in zip(todo, encode_texts(self.tokenizer, [getattr(pairs[k], side) for k in todo])):
             out[k] = ids

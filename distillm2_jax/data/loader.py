@@ -104,6 +104,7 @@ class PairLoader:
     the tokenizer's fingerprint matches, see `batches.PairTokenizer`) or `TokenizedPair` (e.g. a
     `tfds_io.TokenizedPairSource`); `global_batch_size` counts PAIRS over all processes, each
     process gets `global_batch_size // process_count` pairs = twice as many rows per batch.
+    `ids_checked`: the pairs' stored ids were already checked (`batches.check_stored_ids`).
     """
 
     def __init__(self, pairs: Sequence, tokenizer, *, global_batch_size: int, max_length: int,
@@ -111,7 +112,7 @@ class PairLoader:
                  process_index: int | None = None, process_count: int | None = None,
                  drop_remainder: bool = True, length_buckets: Sequence[int] | None = None,
                  layout: str = "rows", plain_fallback: bool = False, num_threads: int = 4,
-                 prefetch_buffer_size: int = 8):
+                 prefetch_buffer_size: int = 8, ids_checked: bool = False):
         self.process_index, self.process_count = _process_defaults(process_index, process_count)
         if global_batch_size <= 0 or global_batch_size % self.process_count:
             raise UserError(f"global_batch_size {global_batch_size} must be a positive multiple "
@@ -129,7 +130,7 @@ class PairLoader:
         self.seed, self.epoch = seed, epoch
         self.pair_tokenizer = PairTokenizer(
             tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
-            plain_fallback=plain_fallback,
+            plain_fallback=plain_fallback, ids_checked=ids_checked,
             max_response_length=max_response_length(layout, max_length, max_prompt_length))
         ds = grain.MapDataset.source(pairs)
         if shuffle:

@@ -36,10 +36,12 @@ def load_tokenizer(path: str):
 
 def make_loader(cfg, pairs, tokenizer, epoch: int) -> PairLoader:
     """This process's loader over one epoch of pairs, in the shared-prompt layout (each prompt
-    stored once; responses keep at most max_length - max_prompt_length tokens)."""
+    stored once; responses keep at most max_length - max_prompt_length tokens). The pairs come
+    from `EpochData.pairs_for_epoch`, which checked their stored ids when reading them."""
     return PairLoader(pairs, tokenizer, global_batch_size=cfg.train.global_batch,
                       max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length,
-                      seed=cfg.seed, epoch=epoch, layout="shared_prompt", drop_remainder=True)
+                      seed=cfg.seed, epoch=epoch, layout="shared_prompt", drop_remainder=True,
+                      ids_checked=True)
 
 
 class EpochData:

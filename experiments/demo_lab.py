@@ -3,8 +3,11 @@ a method from it, and the metrics of a trained student.
 
 A *start* is everything the methods of one seed share, so that they differ only in the objective:
 the seed's data draws, the warmed-up student (`demo.run.warm_up_student`), the teacher's responses
-to the held-out prompts, and the teacher's responses to the distillation prompts (sampled by the
-first method that trains and reused by every later one).
+to the held-out prompts, the teacher's responses to the distillation prompts (sampled by the
+first method that trains and reused by every later one) and the epoch-1 student responses (the
+warmed-up student's samples, the same for every method that trains on student responses: sampled
+by the first such method and placed in each later one's run folder, where the trainer's restartable
+generation finds them complete and checks that they were made with the same arguments).
 
 Metrics of a student on the held-out prompts (`measure`):
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -31,7 +35,8 @@ from distillm2_jax import api, evaluate, models
 from distillm2_jax.data.pairs import build_pairs
 from distillm2_jax.demo import assets, run, task
 from distillm2_jax.errors import UserError
-from distillm2_jax.generate import generate_file
+from distillm2_jax.generate import generate_file, meta_path
+from distillm2_jax.losses import STUDENT_RESPONSE_OBJECTIVES
 from distillm2_jax.train.loop import TrainingDiverged
 
 # Own-response sampling seed = settings.seed + 1000: apart from the streams demo.run draws from
@@ -151,6 +156,7 @@ class Start:
     heldout_file: Path
     pairs: Path                               # held-out teacher responses (chosen) with answers
     teacher_responses: Path | None = None     # the distillation prompts' teacher responses, once sampled
+    student_epoch1: Path | None = None        # the warmed-up student's responses to them, once sampled
     timings: dict = dataclasses.field(default_factory=dict)
 
     @property
@@ -179,14 +185,23 @@ def prepare_start(root: Path, settings: run.DemoSettings, heldout: list, heldout
 def train(start: Start, method: Method, log: Callable[[str], None] | None = None) -> Path:
     """Train `method` from the start's warmed-up student with the demo's budget; returns the run folder.
 
-    The first call samples the teacher's responses to the distillation prompts; later calls reuse
-    them. Raises `TrainingDiverged` (a non-finite loss) like `api.train`.
+    The first call samples the teacher's responses to the distillation prompts, and the first
+    method that trains on student responses samples the epoch-1 ones; later calls reuse them.
+    Raises `TrainingDiverged` (a non-finite loss) like `api.train`.
     """
     cfg = run.train_config(start.root, start.settings, method.objective, teacher_responses=start.teacher_responses,
                            run_name=method.key, overrides={"logging.progress": False, **method.overrides})
+    data = Path(cfg.run_dir) / "data"
+    on_policy = method.objective in STUDENT_RESPONSE_OBJECTIVES
+    if on_policy and start.student_epoch1 is not None:
+        data.mkdir(parents=True, exist_ok=True)
+        for src in (start.student_epoch1, meta_path(start.student_epoch1)):
+            shutil.copyfile(src, data / src.name)
     result = api.train(cfg, log=log or (lambda m: None))
     if start.teacher_responses is None:
-        start.teacher_responses = Path(cfg.run_dir) / "data" / "teacher.jsonl"
+        start.teacher_responses = data / "teacher.jsonl"
+    if on_policy and start.student_epoch1 is None:
+        start.student_epoch1 = data / "student_epoch1.jsonl"
     return Path(result.run_dir)
 
 

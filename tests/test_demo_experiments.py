@@ -139,6 +139,33 @@ def test_objective_check_reads_b_and_the_parts(tmp_path):
     assert check["max_abs_loss_minus_srkl"] == pytest.approx(0.5)
 
 
+def test_epoch1_student_responses_are_shared_by_the_on_policy_methods(tmp_path, monkeypatch):
+    """The first on-policy method samples them; later ones find them in their run folder before
+    training starts; methods that train on teacher responses only get none."""
+    seen = {}
+
+    def fake_train(cfg, log):
+        data = pathlib.Path(cfg.run_dir) / "data"
+        seen[cfg.objective.name + str(cfg.objective.beta_schedule)] = sorted(p.name for p in data.glob("*")) \
+            if data.exists() else []
+        data.mkdir(parents=True, exist_ok=True)
+        for name in ("teacher.jsonl", "student_epoch1.jsonl"):
+            if not (data / name).exists():
+                (data / name).write_text(f"{cfg.run_dir}\n")
+                (data / (name + ".meta.json")).write_text("{}")
+        return type("R", (), {"run_dir": cfg.run_dir})()
+
+    monkeypatch.setattr(lab.api, "train", fake_train)
+    start = lab.Start(tmp_path, lab.run.DemoSettings.quick(), None, None, [], tmp_path / "h.jsonl", tmp_path / "p.jsonl")
+    for m in (lab.Method("kd", "KD", "kd"), lab.Method("a", "A", "distillm2"),
+              lab.Method("b", "B", "distillm2", {"objective.beta_schedule": "constant"})):
+        lab.train(start, m)
+    assert seen == {"kdpaper": [], "distillm2paper": [],
+                    "distillm2constant": ["student_epoch1.jsonl", "student_epoch1.jsonl.meta.json"]}
+    assert start.student_epoch1 == tmp_path / "runs" / "a" / "data" / "student_epoch1.jsonl"
+    assert (tmp_path / "runs" / "b" / "data" / "student_epoch1.jsonl").read_text() == f"{tmp_path / 'runs' / 'a'}\n"
+
+
 TINY = ["sft_steps=5", "distill_prompts=32", "heldout=8", "max_new_tokens=12"]  # with --quick (batch 16)
 
 
@@ -169,18 +196,23 @@ def test_figure1b_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_compare_end_to_end(tmp_path):
-    """Two seeds, two methods: every metric per row, paired intervals, the table between the markers."""
+    """Two seeds, three methods: every metric per row, paired intervals, the table between the
+    markers; the second on-policy method reuses the first one's epoch-1 student responses."""
     doc = tmp_path / "experiments.md"
     doc.write_text("# E\n\nkeep\n\n<!-- compare.py table: start -->\nold\n<!-- compare.py table: end -->\n\nafter\n")
     out = tmp_path / "cmp"
     assert compare.main(["--quick", "--set", *TINY, "--seeds", "0", "1", "--methods", "kd", "DistiLLM-2",
-                         "--out", str(out), "--table", str(doc)]) == 0
+                         "contrastive", "--out", str(out), "--table", str(doc)]) == 0
     res = json.loads((out / "results.json").read_text())
-    assert res["seeds"] == [0, 1] and list(res["methods"]) == ["kd", "distillm2"]
+    assert res["seeds"] == [0, 1] and list(res["methods"]) == ["kd", "distillm2", "contrastive"]
     for seed in ("0", "1"):
         rows = res["results"][seed]
-        assert list(rows) == ["teacher", "warmup", "kd", "distillm2"]
-        for key in ("warmup", "kd", "distillm2"):
+        assert list(rows) == ["teacher", "warmup", "kd", "distillm2", "contrastive"]
+        runs = out / f"seed{seed}" / "runs"
+        first, second = (runs / k / "data" / "student_epoch1.jsonl" for k in ("distillm2", "contrastive"))
+        assert first.read_bytes() == second.read_bytes()
+        assert not (runs / "kd" / "data" / "student_epoch1.jsonl").exists()    # KD samples no student
+        for key in ("warmup", "kd", "distillm2", "contrastive"):
             assert all(np.isfinite(rows[key][m]) for m in ("exact_match", "nll", "own_nll", "acceptance")), key
             assert rows[key]["own_tokens"] > 0
         assert "train_cpu_s" in rows["kd"] and "seed_s" in res["timings"][seed]

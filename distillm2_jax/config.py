@@ -210,6 +210,16 @@ class CheckpointSection(_Section):
     async_save: bool = True
 
 
+class DistributedSection(_Section):
+    """How long processes of a multi-host run wait for each other (`distributed.initialize`).
+
+    When a process dies, the others notice its missing heartbeats and exit non-zero after
+    `heartbeat_timeout_s`, naming the lost process, instead of hanging in a collective; rerun
+    the same command to resume from the last complete checkpoint."""
+    heartbeat_timeout_s: int = Field(100, gt=0)       # a silent peer is declared dead after this
+    initialization_timeout_s: int = Field(300, gt=0)  # every process must join within this
+
+
 class LoggingSection(_Section):
     tensorboard: bool = True
     progress: bool = True
@@ -229,6 +239,7 @@ class Config(_Section):
     train: TrainSection = Field(default_factory=TrainSection)
     lora: LoraSection = Field(default_factory=LoraSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    distributed: DistributedSection = Field(default_factory=DistributedSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
 
     # dotted key -> where its value came from ("run.yaml" or "override k=v"); for messages only.
@@ -341,6 +352,15 @@ class Config(_Section):
 class _Loader(yaml.SafeLoader):
     """safe_load rules, plus YAML 1.2 floats without a dot (`5e-5`), plus duplicate-key errors."""
 
+    def construct_object(self, node, deep=False):
+        # yaml raises plain ValueError for a value it cannot build (`2001-02-30`, an integer
+        # past Python's 4300-digit limit): name its line like other YAML errors.
+        try:
+            return super().construct_object(node, deep=deep)
+        except (ValueError, OverflowError) as err:
+            raise ConfigError(f"line {node.start_mark.line + 1}: invalid value "
+                              f"({str(err).splitlines()[0][:200]})") from None
+
 
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
@@ -366,14 +386,27 @@ _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _constru
 
 
 def _yaml_load(text: str):
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 (SafeLoader subclass)
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 (SafeLoader subclass)
+    except RecursionError:  # yaml's composer recurses once per nesting level
+        raise ConfigError("invalid YAML (nested too deeply)") from None
+
+
+def _read_utf8(path: Path) -> str:
+    """The file's text; invalid UTF-8 is a ConfigError naming its line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ConfigError(f"line {line}: not UTF-8 text (byte 0x{data[err.start]:02x})") from None
 
 
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError("no such file" if not path.exists() else "is not a file", source=str(path))
     try:
-        data = _yaml_load(path.read_text())
+        data = _yaml_load(_read_utf8(path))
     except ConfigError as err:
         raise ConfigError(err.problem, err.key, str(path)) from None
     except yaml.YAMLError as err:
@@ -381,7 +414,7 @@ def _read_yaml(path: Path) -> dict:
         where = f"line {mark.line + 1}: " if mark is not None else ""
         problem = getattr(err, "problem", None) or str(err)
         raise ConfigError(f"{where}invalid YAML ({problem})", source=str(path)) from None
-    except (OSError, UnicodeDecodeError) as err:
+    except OSError as err:
         raise ConfigError(f"cannot read ({err})", source=str(path)) from None
     if data is None:
         return {}

@@ -23,11 +23,16 @@ def _cluster_detected() -> bool:
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, *, cpu_devices_per_process: int | None = None) -> bool:
+               process_id: int | None = None, *, cpu_devices_per_process: int | None = None,
+               heartbeat_timeout_s: int = 100, initialization_timeout_s: int = 300) -> bool:
     """Join the multi-process JAX runtime when asked or when a cluster is detected.
 
     Returns True when running multi-process. Safe to call twice. `cpu_devices_per_process`
     (or DISTILLM2_CPU_DEVICES) sets the CPU device count, for multi-process runs on CPU.
+    A process that stops sending heartbeats for `heartbeat_timeout_s` (it died, or its host
+    did) is declared dead and every other process exits non-zero, rather than waiting forever
+    in a collective; all processes must join within `initialization_timeout_s`
+    (the config's `distributed` section).
     """
     global _initialized
     if _initialized:
@@ -42,14 +47,16 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     if cpu:
         jax.config.update("jax_num_cpu_devices", cpu)
     explicit = coordinator is not None
+    timeouts = dict(heartbeat_timeout_seconds=int(heartbeat_timeout_s),
+                    initialization_timeout=int(initialization_timeout_s))
     if explicit:
         if num_processes is None or process_id is None:
             raise UserError("--coordinator needs --num-processes and --process-id "
                             "(or DISTILLM2_NUM_PROCESSES and DISTILLM2_PROCESS_ID)")
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                                   process_id=process_id)
+                                   process_id=process_id, **timeouts)
     elif _cluster_detected():
-        jax.distributed.initialize()
+        jax.distributed.initialize(**timeouts)
     else:
         return False
     _initialized = True

@@ -129,7 +129,7 @@ def _params_on_mesh(params, cfg: ModelConfig, mesh):
             node = node.get(name) if isinstance(node, dict) else None
             if node is None:
                 break
-        return jax.device_put(x, node if isinstance(node, NamedSharding) else replicated)
+        return shd.put_global(x, node if isinstance(node, NamedSharding) else replicated)
 
     return jax.tree_util.tree_map_with_path(place, params)
 
@@ -138,7 +138,7 @@ def _put(x, axes, mesh):
     if mesh is None:
         return jnp.asarray(x)
     if not axes:
-        return jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
+        return shd.put_global(x, NamedSharding(mesh, PartitionSpec()))
     return shd.put(np.asarray(x), axes, mesh)
 
 
@@ -320,19 +320,31 @@ def _write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _read_existing(out: Path, prompt_ids_in_order: list[str]) -> int:
+def _agreed(existing: int) -> int:
+    """Process 0's count of existing rows, on every process: all of them must start from the
+    same batch (they run its collectives together), and only process 0 writes the file."""
+    if jax.process_count() == 1:
+        return existing
+    from jax.experimental import multihost_utils
+
+    return int(multihost_utils.broadcast_one_to_all(np.int64(existing)))
+
+
+def _read_existing(out: Path, prompt_ids_in_order: list[str], *, truncate: bool = True) -> int:
     """Number of complete rows already in `out` (a prefix of the source order).
 
-    A trailing partial line (a write cut short) is removed from the file. Anything else that
-    does not match the expected rows raises UserError.
+    A trailing partial line (a write cut short) is not counted, and removed from the file when
+    `truncate` (the writing process). Anything else that does not match the expected rows
+    raises UserError.
     """
     data = out.read_bytes()
     if data and not data.endswith(b"\n"):
         keep = data.rfind(b"\n") + 1
-        with open(out, "r+b") as f:
-            f.truncate(keep)
-            f.flush()
-            os.fsync(f.fileno())
+        if truncate:
+            with open(out, "r+b") as f:
+                f.truncate(keep)
+                f.flush()
+                os.fsync(f.fileno())
         data = data[:keep]
     n = 0
     for lineno, line in enumerate(data.decode("utf-8").splitlines(), start=1):
@@ -425,7 +437,8 @@ def generate_file(model, prompts, out: str | os.PathLike, *, tokenizer,
             raise UserError(f"{out} exists but {mpath.name} does not, so it cannot be checked "
                             f"that it was made with these arguments: pass --overwrite to replace it")
         _check_meta(mpath, args, out)
-        existing = _read_existing(out, [str(p.id) for p in prompts])
+        existing = _read_existing(out, [str(p.id) for p in prompts], truncate=writer)
+    existing = _agreed(existing)
     if writer:
         out.parent.mkdir(parents=True, exist_ok=True)
         _write_json_atomic(mpath, meta)

@@ -109,6 +109,19 @@ def put(array, logical_axes, mesh: Mesh | None, rules=None) -> jax.Array:
     return jax.make_array_from_callback(arr.shape, sharding, lambda idx: arr[idx])
 
 
+def put_global(x, sharding: NamedSharding) -> jax.Array:
+    """Place a value that every process holds in full (a host array, an array on a local device,
+    a PRNG key) on a sharding that may span processes: `jax.device_put` reaches only this
+    process's devices, so with several processes each one supplies its own shards."""
+    if jax.dtypes.issubdtype(getattr(x, "dtype", np.float32), jax.dtypes.prng_key):
+        data = put_global(jax.random.key_data(x), sharding)
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+    if jax.process_count() == 1:
+        return jax.device_put(x, sharding)
+    arr = np.asarray(x)
+    return jax.make_array_from_callback(arr.shape, sharding, lambda idx: arr[idx])
+
+
 def batch_axes(mesh: Mesh, rules=None) -> str | tuple[str, ...] | None:
     """The mesh axes a batch dimension is split over (those of the "batch" rule with size > 1)."""
     rules = DEFAULT_RULES if rules is None else rules

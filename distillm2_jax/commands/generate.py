@@ -7,12 +7,16 @@ keep their END when longer than --max-prompt-length. Each output line is a gener
 ids without the stop token, which training uses as they are (no re-encoding of the text) when
 its tokenizer has the fingerprint in `tokenizer`. The run is restartable: rerun the same command after an
 interruption and it continues after the last complete line (the arguments are kept in
-OUT.meta.json; different arguments are refused unless --overwrite). See docs/generation.md.
+OUT.meta.json; different arguments are refused unless --overwrite). On several hosts, run the
+same command on each (launch/local_cpu.sh rehearses it): the batch rows are sharded over every
+process's devices and process 0 writes the file. See docs/generation.md.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+
+from distillm2_jax.commands.train import add_distributed_flags
 
 
 def register(subparsers) -> None:
@@ -43,6 +47,7 @@ def register(subparsers) -> None:
                    help="allow a tokenizer without chat template (prompt text used as is)")
     p.add_argument("--overwrite", action="store_true", help="start over even if OUT exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_distributed_flags(p)
     p.set_defaults(func=run)
 
 
@@ -75,8 +80,10 @@ def run(args: argparse.Namespace) -> int:
 
     import jax.numpy as jnp
 
-    from distillm2_jax import generate, models
+    from distillm2_jax import distributed, generate, models
     from distillm2_jax.errors import UserError
+
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
 
     for name in ("max_new_tokens", "batch_size", "max_prompt_length"):
         if getattr(args, name) <= 0:
@@ -105,5 +112,6 @@ def run(args: argparse.Namespace) -> int:
         mesh=mesh, model_name=os.path.abspath(args.model), overwrite=args.overwrite,
         progress=not args.no_progress, prompt_field=args.prompt_field, limit=args.limit,
         plain_fallback=args.plain_prompts)
-    print(f"distillm2 generate: {summary.describe()} -> {args.out}", file=sys.stderr)
+    if distributed.is_main_process():
+        print(f"distillm2 generate: {summary.describe()} -> {args.out}", file=sys.stderr)
     return 0

@@ -32,8 +32,10 @@ def run(args) -> int:
     from distillm2_jax import distributed
     from distillm2_jax.train.loop import train
 
-    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     cfg = config_lib.load(args.config, args.overrides)
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                           heartbeat_timeout_s=cfg.distributed.heartbeat_timeout_s,
+                           initialization_timeout_s=cfg.distributed.initialization_timeout_s)
     result = train(cfg, max_steps=args.max_steps)
     state = "preempted" if result.preempted else "finished"
     loss = result.final_metrics.get("loss")

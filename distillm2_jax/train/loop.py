@@ -350,7 +350,8 @@ class Trainer:
             for b in range(resume_meta["batch"], steps_per_epoch):
                 teacher_logps[b] = teacher_fn(self.teacher_params, _to_global(next(iterator), self.mesh))
             return float(resume_meta["ref_gap"]), teacher_logps
-        stats = jax.device_put(curriculum.init_gap_stats(), NamedSharding(self.mesh, P()))
+        replicated = NamedSharding(self.mesh, P())
+        stats = jax.tree.map(lambda x: shd.put_global(x, replicated), curriculum.init_gap_stats())
         iterator = loader.iterator()
         for b in range(steps_per_epoch):
             batch = _to_global(next(iterator), self.mesh)
@@ -365,7 +366,7 @@ def _record_config(cfg, path: Path) -> None:
 
     if path.is_file():
         previous = config_lib.load(path, require=False)
-        keep = ("logging", "checkpoint")
+        keep = ("logging", "checkpoint", "distributed")
         old = {k: v for k, v in previous.model_dump().items() if k not in keep}
         new = {k: v for k, v in cfg.model_dump().items() if k not in keep}
         changed = sorted(k for k in new if new[k] != old.get(k))

@@ -95,12 +95,9 @@ def run(args: argparse.Namespace) -> int:
     tok_dir = args.tokenizer or args.model
     if not os.path.isdir(tok_dir):
         raise UserError(f"{tok_dir}: not a folder (tokenizer)")
-    from transformers import AutoTokenizer
+    from distillm2_jax.train.epoch_data import load_tokenizer
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    except (OSError, ValueError) as err:
-        raise UserError(f"{tok_dir}: cannot load a tokenizer ({err})") from None
+    tokenizer = load_tokenizer(tok_dir)  # local files only, no remote code; any failure names the folder
     mesh = parse_mesh(args.mesh)
     if mesh is not None and mesh.size == 1:
         mesh = None  # one device: nothing to shard

@@ -12,6 +12,7 @@ Any of them may carry `answer` (a string or number): the reference for exact mat
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from distillm2_jax.data.messages import Message, prompt_from_record
 from distillm2_jax.data.pairs import Pair, parse_pair
@@ -35,6 +36,8 @@ def parse_eval_record(data: dict, where: str) -> EvalRecord:
     if answer is not None:
         if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
             raise UserError(f"{where}: field `answer`: expected a string or number, got {type(answer).__name__}")
+        if isinstance(answer, float) and not math.isfinite(answer):
+            raise UserError(f"{where}: field `answer`: expected a finite number, got {answer}")
         if isinstance(answer, float) and answer.is_integer():
             answer = int(answer)     # JSON 72.0 is the answer "72", not "72.0"
         answer = str(answer)

@@ -31,7 +31,7 @@ import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from distillm2_jax.data.messages import Message, prompt_from_value, prompt_key
+from distillm2_jax.data.messages import Message, prompt_from_value, prompt_key, show
 from distillm2_jax.data.records import MalformedCounter, iter_json_records
 from distillm2_jax.errors import UserError
 
@@ -89,8 +89,8 @@ def check_token_ids(value, where: str, field: str) -> list[int]:
         raise UserError(f"{where}: field `{field}`: expected a list of token ids, got "
                         f"{type(value).__name__}")
     for j, x in enumerate(value):
-        if not isinstance(x, int) or isinstance(x, bool) or x < 0:
-            raise UserError(f"{where}: field `{field}`: item {j} is {x!r}, expected a non-negative "
+        if not isinstance(x, int) or isinstance(x, bool) or not 0 <= x < 2**31:  # int32 arrays
+            raise UserError(f"{where}: field `{field}`: item {j} is {show(x)}, expected a non-negative "
                             f"integer token id")
     return [int(x) for x in value]
 
@@ -100,7 +100,7 @@ def check_fingerprint(value, where: str, field: str, ids_field: str) -> str:
         raise UserError(f"{where}: field `{ids_field}` needs `{field}`, the fingerprint of the "
                         f"tokenizer that made the ids (generations.tokenizer_fingerprint)")
     if not isinstance(value, str) or not value:
-        raise UserError(f"{where}: field `{field}`: expected a tokenizer fingerprint string, got {value!r}")
+        raise UserError(f"{where}: field `{field}`: expected a tokenizer fingerprint string, got {show(value)}")
     return value
 
 
@@ -155,11 +155,11 @@ def parse_generation(data: dict, where: str) -> Generation:
         raise UserError(f"{where}: field `{field}`: expected a string, got {type(response).__name__}")
     finish = data.get("finish_reason")
     if finish is not None and finish not in FINISH_REASONS:
-        raise UserError(f"{where}: field `finish_reason`: expected one of {FINISH_REASONS}, got {finish!r}")
+        raise UserError(f"{where}: field `finish_reason`: expected one of {FINISH_REASONS}, got {show(finish)}")
     for key in ("prompt_tokens", "response_tokens"):
         value = data.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-            raise UserError(f"{where}: field `{key}`: expected a non-negative integer, got {value!r}")
+            raise UserError(f"{where}: field `{key}`: expected a non-negative integer, got {show(value)}")
     rid = data.get("id")
     if rid is not None and not isinstance(rid, (str, int)):
         raise UserError(f"{where}: field `id`: expected a string or integer, got {type(rid).__name__}")
@@ -170,7 +170,7 @@ def parse_generation(data: dict, where: str) -> Generation:
         n, stop = data.get("response_tokens"), finish == "stop"
         if n is not None and finish is not None and len(ids) != n - stop:
             raise UserError(f"{where}: field `response_ids`: {len(ids)} ids but response_tokens={n} "
-                            f"and finish_reason={finish!r} (expected {n - stop}: response_ids leave "
+                            f"and finish_reason={show(finish)} (expected {n - stop}: response_ids leave "
                             f"out the stop token that response_tokens counts)")
     known = {"id", "prompt", "response", "generated_text", "finish_reason", "response_ids", "tokenizer"}
     extra = {k: v for k, v in data.items() if k not in known}

@@ -8,12 +8,22 @@ dropped so that templates see exactly role and content.
 from __future__ import annotations
 
 import json
+import reprlib
 from typing import Any
 
 from distillm2_jax.errors import UserError
 
 ROLES = ("system", "user", "assistant")
 Message = dict  # {"role": str, "content": str}
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
+
+
+def show(value: Any) -> str:
+    """A short repr of a value from the user's data for an error message (keeps it one short
+    line even when the value is a megabyte string or a huge number)."""
+    return _REPR.repr(value)
 
 
 def normalize_messages(value: Any, where: str, field: str) -> list[Message]:
@@ -32,7 +42,7 @@ def normalize_messages(value: Any, where: str, field: str) -> list[Message]:
         role, content = msg.get("role"), msg.get("content")
         if role not in ROLES:
             raise UserError(
-                f"{where}: field `{field}[{i}].role`: expected one of {', '.join(ROLES)}, got {role!r}"
+                f"{where}: field `{field}[{i}].role`: expected one of {', '.join(ROLES)}, got {show(role)}"
             )
         if not isinstance(content, str):
             raise UserError(
@@ -85,7 +95,7 @@ def prompt_from_record(record: dict, where: str, field: str | None = None
         return _instruction(record, where)
     raise UserError(
         f"{where}: no prompt field: expected `prompt` (string or messages), `messages`, or "
-        f"`instruction` (+ optional `input`); found keys {sorted(record)[:10]}"
+        f"`instruction` (+ optional `input`); found keys {show(sorted(record))}"
     )
 
 

@@ -53,11 +53,77 @@ class MalformedCounter:
             self.first_errors.append(message)
 
 
+def first_line(err: Exception) -> str:
+    """The first line of an exception's message (at most 300 characters), for a UserError."""
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else type(err).__name__
+
+
 # --------------------------------------------------------------------------- JSON / JSONL
 
 
+_BAD_BYTE = re.compile(r"[\udc80-\udcff]")      # an undecodable byte (surrogateescape)
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # a \uD800-\uDFFF escape in JSON text
+
+
+def _open_text(path: str):
+    """UTF-8 text whose invalid bytes become lone surrogates, so that reading never raises
+    mid-file and `check_utf8` can name the line that holds them."""
+    return open(path, encoding="utf-8-sig", errors="surrogateescape")
+
+
+def check_utf8(text: str, where: str) -> None:
+    """UserError naming `where` if text read through `_open_text` had invalid UTF-8."""
+    bad = _BAD_BYTE.search(text)
+    if bad:
+        start = text.rfind("\n", 0, bad.start()) + 1
+        line = f"line {text.count(chr(10), 0, start) + 1} " if start else ""
+        raise UserError(f"{where}: not UTF-8 text (byte 0x{ord(bad.group()) - 0xDC00:02x} at "
+                        f"{line}column {bad.start() - start + 1})")
+
+
+def parse_json(text: str, where: str) -> Any:
+    """`json.loads` whose other failures also become a UserError naming `where`.
+
+    json raises RecursionError for deep nesting (a few thousand brackets) and ValueError for
+    integers past Python's 4300-digit limit; lone surrogate escapes ("\\ud800") parse but are
+    not text any UTF-8 file can hold. Syntax errors stay `json.JSONDecodeError` so callers keep
+    their messages.
+    """
+    check_utf8(text, where)
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        raise
+    except RecursionError:
+        raise UserError(f"{where}: invalid JSON (nested too deeply)") from None
+    except ValueError as err:
+        raise UserError(f"{where}: invalid JSON ({str(err)[:200]})") from None
+    if _SURROGATE_ESCAPE.search(text):
+        try:
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise UserError(f"{where}: invalid JSON (a \\u escape of a lone surrogate is "
+                            "not Unicode text)") from None
+    return obj
+
+
+def read_json_file(path: str) -> Any:
+    """A whole JSON file (metadata such as state.json or config.json); every failure is a
+    UserError naming the file (and the line, for a syntax error)."""
+    try:
+        with _open_text(path) as f:
+            text = f.read()
+    except OSError as err:
+        raise UserError(f"{path}: cannot read ({err.strerror or err})") from None
+    try:
+        return parse_json(text, path)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from None
+
+
 def _first_char(path: str) -> str:
-    with open(path, encoding="utf-8-sig") as f:
+    with _open_text(path) as f:
         while True:
             chunk = f.read(4096)
             if not chunk:
@@ -78,15 +144,12 @@ def iter_json_records(
     """
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file")
-    try:
-        first = _first_char(path)
-    except UnicodeDecodeError as err:
-        raise UserError(f"{path}: not UTF-8 text ({err})") from None
+    first = _first_char(path)
     counter = counter if counter is not None else MalformedCounter()
     if first == "[":
         try:
-            with open(path, encoding="utf-8-sig") as f:
-                items = json.load(f)
+            with _open_text(path) as f:
+                items = parse_json(f.read(), path)
         except json.JSONDecodeError as err:
             raise UserError(f"{path}:{err.lineno}: invalid JSON array: {err.msg}") from None
         for i, item in enumerate(items):
@@ -100,15 +163,16 @@ def iter_json_records(
             yield RawRecord(i, where, item)
         return
     index = 0
-    with open(path, encoding="utf-8-sig") as f:
+    with _open_text(path) as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                msg = f"{where}: invalid JSON ({err.msg} at column {err.colno})"
+                obj = parse_json(line, where)
+            except (json.JSONDecodeError, UserError) as err:
+                msg = (f"{where}: invalid JSON ({err.msg} at column {err.colno})"
+                       if isinstance(err, json.JSONDecodeError) else str(err))
                 if not skip_malformed:
                     raise UserError(msg) from None
                 counter.add(msg)
@@ -140,18 +204,25 @@ def _pyarrow():
 
 
 def _read_arrow_file(path: str):
+    """An arrow IPC stream (what datasets writes) or IPC file; damage is a UserError."""
     pa = _pyarrow()
-    # datasets writes the IPC *stream* format; accept the IPC file format too.
     try:
-        with pa.memory_map(path) as source:
-            return pa.ipc.open_stream(source).read_all()
-    except pa.ArrowInvalid:
-        with pa.memory_map(path) as source:
-            return pa.ipc.open_file(source).read_all()
+        try:
+            with pa.memory_map(path) as source:
+                return pa.ipc.open_stream(source).read_all()
+        except pa.ArrowInvalid:
+            with pa.memory_map(path) as source:
+                return pa.ipc.open_file(source).read_all()
+    except (pa.ArrowException, OSError) as err:
+        raise UserError(f"{path}: cannot read arrow data ({first_line(err)})") from None
 
 
 def _table_records(table, label: str) -> Iterator[RawRecord]:
-    for i, row in enumerate(table.to_pylist()):
+    try:
+        rows = table.to_pylist()
+    except Exception as err:  # noqa: BLE001 (pyarrow: any damage found only on conversion)
+        raise UserError(f"{label}: cannot read the table's values ({first_line(err)})") from None
+    for i, row in enumerate(rows):
         yield RawRecord(i, f"{label} record {i}", row)
 
 
@@ -166,8 +237,11 @@ def iter_parquet_records(path: str) -> Iterator[RawRecord]:
         try:
             tables.append(pa.parquet.read_table(f))
         except (pa.ArrowException, OSError) as err:
-            raise UserError(f"{f}: cannot read parquet ({err})") from None
-    table = tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="default")
+            raise UserError(f"{f}: cannot read parquet ({first_line(err)})") from None
+    try:
+        table = tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="default")
+    except pa.ArrowException as err:
+        raise UserError(f"{path}: parquet files with incompatible columns ({err})") from None
     yield from _table_records(table, path)
 
 
@@ -177,16 +251,16 @@ def _hf_split_dir(path: str) -> str:
         return path
     dict_json = os.path.join(path, "dataset_dict.json")
     if os.path.isfile(dict_json):
-        try:
-            with open(dict_json, encoding="utf-8") as f:
-                splits = json.load(f).get("splits", [])
-        except (json.JSONDecodeError, AttributeError):
-            raise UserError(f"{dict_json}: invalid JSON") from None
+        meta = read_json_file(dict_json)
+        splits = meta.get("splits", []) if isinstance(meta, dict) else None
+        if not isinstance(splits, list) or not all(isinstance(s, str) for s in splits):
+            raise UserError(f"{dict_json}: field `splits`: expected a list of split names")
         if "train" in splits:
             return os.path.join(path, "train")
+        names = ", ".join(os.path.join(path, s) for s in splits)
         raise UserError(
             f"{path}: a DatasetDict folder without a `train` split; name a split folder, "
-            f"one of: {', '.join(os.path.join(path, s) for s in splits)}"
+            f"one of: {names if len(names) < 500 else names[:500] + '...'}"
         )
     raise UserError(
         f"{path}: not a Hugging Face saved dataset (no state.json or dataset_dict.json) and "
@@ -199,26 +273,28 @@ def iter_hf_disk_records(path: str) -> Iterator[RawRecord]:
     pa = _pyarrow()
     split_dir = _hf_split_dir(path)
     state_path = os.path.join(split_dir, "state.json")
-    try:
-        with open(state_path, encoding="utf-8") as f:
-            state = json.load(f)
-    except json.JSONDecodeError as err:
-        raise UserError(f"{state_path}:{err.lineno}: invalid JSON ({err.msg})") from None
+    state = read_json_file(state_path)
+    if not isinstance(state, dict):
+        raise UserError(f"{state_path}: expected a JSON object, got {type(state).__name__}")
     if state.get("_indices_data_files"):
         raise UserError(f"{state_path}: datasets with an indices mapping are not supported; "
                         "call .flatten_indices() before save_to_disk")
-    files = [os.path.join(split_dir, d["filename"]) for d in state.get("_data_files", [])]
+    data_files = state.get("_data_files") or []
+    if not (isinstance(data_files, list) and all(
+            isinstance(d, dict) and isinstance(d.get("filename"), str)
+            and 0 < len(d["filename"]) < 256 for d in data_files)):
+        raise UserError(f"{state_path}: field `_data_files`: expected a list of "
+                        '{"filename": FILE_NAME} objects')
+    files = [os.path.join(split_dir, d["filename"]) for d in data_files]
     if not files:
         files = sorted(glob.glob(os.path.join(split_dir, "*.arrow")))
     if not files:
         raise UserError(f"{split_dir}: no arrow files")
-    tables = []
-    for f in files:
-        try:
-            tables.append(_read_arrow_file(f))
-        except (pa.ArrowException, OSError) as err:
-            raise UserError(f"{f}: cannot read arrow data ({err})") from None
-    table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+    tables = [_read_arrow_file(f) for f in files]
+    try:
+        table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+    except pa.ArrowException as err:
+        raise UserError(f"{split_dir}: arrow files with different columns ({err})") from None
     yield from _table_records(table, split_dir)
 
 
@@ -285,7 +361,17 @@ def iter_tfds_records(spec_str: str) -> Iterator[RawRecord]:
     src = open_tfds(spec)
     label = f"tfds:{spec.name}:{spec.split}"
     for i in range(len(src)):
-        yield RawRecord(i, f"{label} record {i}", to_python(src[i]))
+        where, row = f"{label} record {i}", src[i]
+        if not isinstance(row, dict):
+            raise UserError(f"{where}: expected a dict of features, got {type(row).__name__}")
+        data = {}
+        for key, value in row.items():
+            try:
+                data[key] = to_python(value)
+            except UnicodeDecodeError as err:
+                raise UserError(f"{where}: field `{key}`: not UTF-8 text ({err.reason} at byte "
+                                f"{err.start})") from None
+        yield RawRecord(i, where, data)
 
 
 # --------------------------------------------------------------------------- dispatch

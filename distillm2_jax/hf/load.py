@@ -8,7 +8,7 @@ checkpoints are refused (they can run code on load).
 from __future__ import annotations
 
 import contextlib
-import json
+import os
 from pathlib import Path
 
 import jax
@@ -17,6 +17,8 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from distillm2_jax import sharding as shd
+from distillm2_jax.data.messages import show
+from distillm2_jax.data.records import read_json_file
 from distillm2_jax.errors import CheckpointFormatError, UserError
 from distillm2_jax.hf.names import IGNORABLE_SUFFIXES, TensorMap, tensor_maps
 from distillm2_jax.models.config import ModelConfig, from_hf, load_hf_config
@@ -30,14 +32,16 @@ def tensor_files(model_dir: Path) -> dict[str, Path]:
     """tensor name -> safetensors file holding it (single file or sharded with an index)."""
     index_path = model_dir / INDEX_FILE
     if index_path.is_file():
-        try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise CheckpointFormatError(f"{index_path}: not a safetensors index with a 'weight_map' ({err})") from None
+        index = read_json_file(str(index_path))
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise CheckpointFormatError(f"{index_path}: not a safetensors index with a 'weight_map' "
+                                        "of tensor name -> file name")
         files = {name: model_dir / fname for name, fname in weight_map.items()}
         for name, path in files.items():
-            if not path.is_file():
-                raise CheckpointFormatError(f"{index_path}: tensor '{name}' is mapped to {path.name}, which does not exist")
+            if not os.path.isfile(path):  # unlike Path.is_file, False for a too-long name
+                raise CheckpointFormatError(f"{index_path}: tensor {show(name)} is mapped to "
+                                            f"{path.name[:200]}, which does not exist")
         return files
     single = model_dir / SINGLE_FILE
     if single.is_file():

@@ -8,10 +8,12 @@ silently ignored.
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 from pathlib import Path
 from typing import Any
 
+from distillm2_jax.data.messages import show
+from distillm2_jax.data.records import first_line, read_json_file
 from distillm2_jax.errors import UserError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2")
@@ -80,28 +82,52 @@ def _get(cfg: Any, name: str, default=None):
     return default if value is None else value
 
 
+def _size(value: Any, name: str, where: str) -> int:
+    """A positive integer field (an integral float such as 64.0 too), else a UserError naming it."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise UserError(f"{where}: field `{name}`: expected a positive integer, got {show(value)}")
+    return value
+
+
+def _positive(value: Any, name: str, where: str) -> float:
+    """A finite positive number field, else a UserError naming it."""
+    if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
+            or value <= 0):
+        raise UserError(f"{where}: field `{name}`: expected a finite positive number, got {show(value)}")
+    return float(value)
+
+
 def _rope_fields(hf, where: str) -> dict:
-    rope = dict(_get(hf, "rope_parameters", {}) or {})
+    rope = _get(hf, "rope_parameters", {}) or {}
     legacy = _get(hf, "rope_scaling", None)
+    for name, value in (("rope_parameters", rope), ("rope_scaling", legacy or {})):
+        if not isinstance(value, dict):
+            raise UserError(f"{where}: field `{name}`: expected an object, got {show(value)}")
+    rope = dict(rope)
     if legacy and not rope.get("rope_type"):
         rope.update(legacy)
     rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise UnsupportedConfigError(
-            f"{where}: rope_type '{rope_type}' is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+            f"{where}: rope_type {show(rope_type)} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
     theta = rope.get("rope_theta", _get(hf, "rope_theta", 10000.0))
-    fields = dict(rope_type=rope_type, rope_theta=float(theta))
+    fields = dict(rope_type=rope_type, rope_theta=_positive(theta, "rope_theta", where))
     if rope_type in ("linear", "llama3"):
         if "factor" not in rope:
             raise UnsupportedConfigError(f"{where}: rope_parameters.factor is required for rope_type '{rope_type}'")
-        fields["rope_factor"] = float(rope["factor"])
+        fields["rope_factor"] = _positive(rope["factor"], "rope_parameters.factor", where)
     if rope_type == "llama3":
         for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
             if key not in rope:
                 raise UnsupportedConfigError(f"{where}: rope_parameters.{key} is required for rope_type 'llama3'")
-        fields.update(rope_low_freq_factor=float(rope["low_freq_factor"]),
-                      rope_high_freq_factor=float(rope["high_freq_factor"]),
-                      rope_original_max_position=int(rope["original_max_position_embeddings"]))
+        def param(key: str, check):
+            return check(rope[key], f"rope_parameters.{key}", where)
+
+        fields.update(rope_low_freq_factor=param("low_freq_factor", _positive),
+                      rope_high_freq_factor=param("high_freq_factor", _positive),
+                      rope_original_max_position=param("original_max_position_embeddings", _size))
     return fields
 
 
@@ -110,10 +136,12 @@ def _layer_windows(hf, model_type: str, num_layers: int, where: str) -> tuple[in
     layer_types = _get(hf, "layer_types", None)
     if model_type == "mistral" or model_type == "llama":
         # Mistral applies its window (if any) to every layer; Llama has none.
-        w = int(window) if (model_type == "mistral" and window) else FULL_ATTENTION
+        w = _size(window, "sliding_window", where) if (model_type == "mistral" and window) else FULL_ATTENTION
         return (w,) * num_layers
     if layer_types is None:
         layer_types = ["full_attention"] * num_layers
+    if not isinstance(layer_types, list):
+        raise UserError(f"{where}: field `layer_types`: expected a list, got {show(layer_types)}")
     if len(layer_types) != num_layers:
         raise UnsupportedConfigError(
             f"{where}: layer_types has {len(layer_types)} entries for {num_layers} layers")
@@ -124,9 +152,9 @@ def _layer_windows(hf, model_type: str, num_layers: int, where: str) -> tuple[in
         elif kind == "sliding_attention":
             if not window:
                 raise UnsupportedConfigError(f"{where}: layer_types[{i}] is sliding_attention but sliding_window is unset")
-            windows.append(int(window))
+            windows.append(_size(window, "sliding_window", where))
         else:
-            raise UnsupportedConfigError(f"{where}: layer_types[{i}] = '{kind}' is not supported")
+            raise UnsupportedConfigError(f"{where}: layer_types[{i}] = {show(kind)} is not supported")
     return tuple(windows)
 
 
@@ -135,32 +163,40 @@ def from_hf(hf, where: str = "config.json") -> ModelConfig:
     model_type = getattr(hf, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedConfigError(
-            f"{where}: model_type '{model_type}' is not supported "
+            f"{where}: model_type {show(model_type)} is not supported "
             f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
-    hidden = int(hf.hidden_size)
-    heads = int(hf.num_attention_heads)
-    kv_heads = int(_get(hf, "num_key_value_heads", heads))
-    head_dim = int(_get(hf, "head_dim", hidden // heads))
-    layers = int(hf.num_hidden_layers)
+
+    def size(name: str, default=None) -> int:
+        return _size(_get(hf, name, default), name, where)
+
+    def optional_number(name: str) -> float | None:
+        value = _get(hf, name, None)
+        return None if value is None else _positive(value, name, where)
+
+    hidden = size("hidden_size")
+    heads = size("num_attention_heads")
+    kv_heads = size("num_key_value_heads", heads)
+    head_dim = size("head_dim", hidden // heads)
+    layers = size("num_hidden_layers")
     if heads % kv_heads:
         raise UnsupportedConfigError(f"{where}: num_attention_heads={heads} is not a multiple of "
                                      f"num_key_value_heads={kv_heads}")
     act = _get(hf, "hidden_activation", None) if model_type == "gemma2" else None
     act = act or _get(hf, "hidden_act", "silu")
     activations = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
-    if act not in activations:
-        raise UnsupportedConfigError(f"{where}: hidden_act '{act}' is not supported "
+    if not isinstance(act, str) or act not in activations:
+        raise UnsupportedConfigError(f"{where}: hidden_act {show(act)} is not supported "
                                      f"(supported: {', '.join(activations)})")
     fields: dict[str, Any] = dict(
         model_type=model_type,
-        vocab_size=int(hf.vocab_size),
+        vocab_size=size("vocab_size"),
         hidden_size=hidden,
-        intermediate_size=int(hf.intermediate_size),
+        intermediate_size=size("intermediate_size"),
         num_layers=layers,
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
-        rms_norm_eps=float(_get(hf, "rms_norm_eps", 1e-6)),
+        rms_norm_eps=_positive(_get(hf, "rms_norm_eps", 1e-6), "rms_norm_eps", where),
         tie_word_embeddings=bool(_get(hf, "tie_word_embeddings", False)),
         activation=activations[act],
         layer_windows=_layer_windows(hf, model_type, layers, where),
@@ -178,13 +214,13 @@ def from_hf(hf, where: str = "config.json") -> ModelConfig:
     if model_type == "gemma2":
         fields.update(
             norm_plus_one=True, embed_scale=True, sandwich_norm=True,
-            attn_scale=float(_get(hf, "query_pre_attn_scalar", head_dim)) ** -0.5,
-            attn_softcap=_get(hf, "attn_logit_softcapping", None),
-            final_softcap=_get(hf, "final_logit_softcapping", None),
+            attn_scale=_positive(_get(hf, "query_pre_attn_scalar", head_dim), "query_pre_attn_scalar", where) ** -0.5,
+            attn_softcap=optional_number("attn_logit_softcapping"),
+            final_softcap=optional_number("final_logit_softcapping"),
         )
     pretraining_tp = _get(hf, "pretraining_tp", 1)
     if pretraining_tp not in (1, None):
-        raise UnsupportedConfigError(f"{where}: pretraining_tp={pretraining_tp} is not supported")
+        raise UnsupportedConfigError(f"{where}: pretraining_tp={show(pretraining_tp)} is not supported")
     return ModelConfig(**fields)
 
 
@@ -196,16 +232,18 @@ def load_hf_config(model_dir: str | Path):
     path = model_dir / "config.json"
     if not path.is_file():
         raise UserError(f"{model_dir}: no config.json (expected a Hugging Face model folder)")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path}: not valid JSON (line {err.lineno}: {err.msg})") from None
+    raw = read_json_file(str(path))
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(raw).__name__}")
     model_type = raw.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedConfigError(
-            f"{path}: model_type '{model_type}' (architectures {raw.get('architectures')}) is not supported "
-            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
-    return AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False, local_files_only=True)
+            f"{path}: model_type {show(model_type)} (architectures {show(raw.get('architectures'))}) "
+            f"is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    try:
+        return AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False, local_files_only=True)
+    except Exception as err:  # noqa: BLE001 (transformers raises many kinds for a bad field)
+        raise UserError(f"{path}: not a valid {model_type} config ({first_line(err)})") from None
 
 
 def hf_config_from_dict(config: dict):

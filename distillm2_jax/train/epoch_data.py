@@ -18,6 +18,7 @@ from distillm2_jax import distributed
 from distillm2_jax.data.batches import check_stored_ids
 from distillm2_jax.data.loader import PairLoader
 from distillm2_jax.data.pairs import build_pairs, read_pairs
+from distillm2_jax.data.records import first_line, read_json_file
 from distillm2_jax.errors import UserError
 from distillm2_jax.losses import STUDENT_RESPONSE_OBJECTIVES
 
@@ -30,8 +31,11 @@ def load_tokenizer(path: str):
         raise UserError(f"model.tokenizer: {path} is not a folder")
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError) as err:
-        raise UserError(f"{path}: cannot load a tokenizer ({str(err).splitlines()[0]})") from None
+    except Exception as err:  # noqa: BLE001 (transformers / tokenizers raise many kinds for a bad file)
+        for name in ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json"):
+            if (Path(path) / name).is_file():  # name the file and line of malformed JSON
+                read_json_file(str(Path(path) / name))
+        raise UserError(f"{path}: cannot load a tokenizer ({first_line(err)})") from None
 
 
 def make_loader(cfg, pairs, tokenizer, epoch: int) -> PairLoader:

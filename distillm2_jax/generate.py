@@ -347,12 +347,17 @@ def _read_existing(out: Path, prompt_ids_in_order: list[str], *, truncate: bool 
                 os.fsync(f.fileno())
         data = data[:keep]
     n = 0
-    for lineno, line in enumerate(data.decode("utf-8").splitlines(), start=1):
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{out}: not UTF-8 text (byte offset {err.start}); the file is damaged: pass "
+                        f"--overwrite to start over") from None
+    for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             rid = str(json.loads(line)["id"])
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):  # ValueError: JSON syntax, huge ints
             raise UserError(f"{out}:{lineno}: not a generation record with an `id`; the file is "
                             f"damaged: pass --overwrite to start over") from None
         if n >= len(prompt_ids_in_order) or rid != prompt_ids_in_order[n]:
@@ -389,9 +394,9 @@ def generate_file(model, prompts, out: str | os.PathLike, *, tokenizer,
 
     t0 = time.perf_counter()
     if isinstance(tokenizer, (str, os.PathLike)):
-        from transformers import AutoTokenizer
+        from distillm2_jax.train.epoch_data import load_tokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(os.fspath(tokenizer))
+        tokenizer = load_tokenizer(os.fspath(tokenizer))
     spec = None
     if isinstance(prompts, (str, os.PathLike)):
         spec = os.fspath(prompts)
@@ -488,7 +493,7 @@ def _check_meta(mpath: Path, args: dict, out: Path) -> None:
         old = meta["args"]
         if meta.get("format") != META_FORMAT or not isinstance(old, dict):
             raise ValueError
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         raise UserError(f"{mpath}: not a distillm2 generate sidecar: pass --overwrite to start "
                         f"over") from None
     new = json.loads(json.dumps(args))  # the same JSON types as the stored copy

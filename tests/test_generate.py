@@ -300,6 +300,16 @@ def test_restart_after_interruption_gives_the_uninterrupted_rows(lm, tiny_tokeni
     alien.write_text(lines[0])
     with pytest.raises(UserError, match="meta.json"):
         generate.generate_file(model, str(src), alien, **kw)
+    # (5) a damaged file or sidecar: a one-line error naming it, never a traceback
+    meta = generate.meta_path(ref).read_text()
+    for name, body, sidecar in (("deep", b"[" * 100_000 + b"\n", meta),
+                                ("bytes", lines[0].encode() + b"\xff\xfe\n", meta),
+                                ("sidecar", lines[0].encode(), "[" * 100_000)):
+        bad = tmp_path / f"{name}.jsonl"
+        bad.write_bytes(body)
+        generate.meta_path(bad).write_text(sidecar)
+        with pytest.raises(UserError, match=str(bad.name)):
+            generate.generate_file(model, str(src), bad, **kw)
 
 
 def test_cli_generate_writes_the_same_file_and_refuses_other_arguments(

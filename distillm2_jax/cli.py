@@ -41,6 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"distillm2 {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001
+        from distillm2_jax import distributed
+
+        if distributed.is_peer_failure(err):  # another process died mid-collective: one line, exit 1
+            distributed.exit_after_peer_failure(err)
+        raise
     return int(result or 0)
 
 

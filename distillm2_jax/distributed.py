@@ -7,7 +7,11 @@ DISTILLM2_COORDINATOR, DISTILLM2_NUM_PROCESSES and DISTILLM2_PROCESS_ID.
 """
 from __future__ import annotations
 
+import atexit
 import os
+import sys
+import threading
+import time
 
 import jax
 
@@ -30,9 +34,9 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     Returns True when running multi-process. Safe to call twice. `cpu_devices_per_process`
     (or DISTILLM2_CPU_DEVICES) sets the CPU device count, for multi-process runs on CPU.
     A process that stops sending heartbeats for `heartbeat_timeout_s` (it died, or its host
-    did) is declared dead and every other process exits non-zero, rather than waiting forever
-    in a collective; all processes must join within `initialization_timeout_s`
-    (the config's `distributed` section).
+    did) is declared dead and every other process exits non-zero (`start_watchdog`), rather
+    than waiting forever in a collective; all processes must join within
+    `initialization_timeout_s` (the config's `distributed` section).
     """
     global _initialized
     if _initialized:
@@ -47,7 +51,9 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     if cpu:
         jax.config.update("jax_num_cpu_devices", cpu)
     explicit = coordinator is not None
-    timeouts = dict(heartbeat_timeout_seconds=int(heartbeat_timeout_s),
+    # JAX's own detector (it aborts the process with a C++ stack trace) is the backstop, set later
+    # than the watchdog below, which exits first with one line naming the lost process.
+    timeouts = dict(heartbeat_timeout_seconds=int(heartbeat_timeout_s) + max(10, int(heartbeat_timeout_s) // 2),
                     initialization_timeout=int(initialization_timeout_s))
     if explicit:
         if num_processes is None or process_id is None:
@@ -60,7 +66,94 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     else:
         return False
     _initialized = True
+    if jax.process_count() > 1:
+        start_watchdog(heartbeat_timeout_s)
     return jax.process_count() > 1
+
+
+def start_watchdog(timeout_s: float, *, interval_s: float | None = None) -> threading.Thread | None:
+    """Exit this process (status 1, one line on stderr) when another process of the run stops
+    beating for `timeout_s`, or the coordinator (process 0) is unreachable.
+
+    Every process bumps its own counter in the distributed runtime's key-value store every
+    `interval_s` from a daemon thread (so long compiles or checkpoint writes do not stop it) and
+    checks the others'. Without it, a survivor waits in its next collective until JAX's own
+    heartbeat check aborts it with a stack trace. Stopped at exit, before JAX's shutdown barrier.
+    """
+    global _watchdog
+    n, me = jax.process_count(), jax.process_index()
+    if n == 1:
+        return None
+    from jax._src import distributed as jax_distributed
+
+    client = jax_distributed.global_state.client
+    interval = interval_s or max(0.2, min(5.0, timeout_s / 5))
+    stop = threading.Event()
+    atexit.register(stop.set)
+
+    def die(message: str) -> None:
+        if stop.is_set():
+            return
+        sys.stdout.flush()
+        print(f"error: {message}; stopping process {me}. Rerun the same command on every host to resume from "
+              f"the last complete checkpoint (distributed.heartbeat_timeout_s sets how long a silent process "
+              f"is waited for)", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    def beat() -> None:
+        seen = {p: (None, time.monotonic()) for p in range(n) if p != me}
+        count = 0
+        while not stop.wait(interval):
+            count += 1
+            try:
+                client.key_value_set(f"distillm2/heartbeat/{me}", str(count), allow_overwrite=True)
+                values = {p: _try_get(client, f"distillm2/heartbeat/{p}") for p in seen}
+            except Exception as err:  # noqa: BLE001 (the runtime raises its own error types)
+                die(f"lost contact with the coordinator, process 0 of {n} ({str(err).splitlines()[0][:200]})")
+                return
+            now = time.monotonic()
+            for p, value in values.items():
+                if value != seen[p][0]:
+                    seen[p] = (value, now)
+                elif now - seen[p][1] > timeout_s:
+                    die(f"process {p} of {n} sent no heartbeat for {now - seen[p][1]:.0f} s (it died, or its host did)")
+                    return
+
+    thread = threading.Thread(target=beat, name="distillm2-heartbeat", daemon=True)
+    thread.start()
+    _watchdog = (thread, timeout_s + 2 * interval, die)
+    return thread
+
+
+_watchdog = None
+# How a collective reports a peer that went away (gloo on CPU; the runtime's own status codes).
+_PEER_FAILURE = ("Gloo", "Connection reset", "Connection closed", "heartbeat", "UNAVAILABLE")
+
+
+def is_peer_failure(err: BaseException) -> bool:
+    """Whether `err` is a multi-process collective that failed because another process is gone."""
+    return (_watchdog is not None and isinstance(err, jax.errors.JaxRuntimeError)
+            and any(s in str(err) for s in _PEER_FAILURE))
+
+
+def exit_after_peer_failure(err: BaseException) -> None:
+    """Give the watchdog the time it needs to name the lost process (it exits the process), then
+    exit with status 1 and one line; never return into JAX's shutdown, which would wait for the
+    lost process and abort."""
+    thread, wait_s, die = _watchdog
+    thread.join(timeout=wait_s)
+    die(f"a collective with another process failed ({str(err).strip().splitlines()[0][:200]})")
+    os._exit(1)
+
+
+def _try_get(client, key: str) -> str | None:
+    """The key's value, None when it is not set yet; other failures raise."""
+    try:
+        return client.key_value_try_get(key)
+    except Exception as err:  # noqa: BLE001
+        if "NOT_FOUND" in str(err) or "not found" in str(err).lower():
+            return None
+        raise
 
 
 def is_main_process() -> bool:

@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
         result = args.func(args)
     except UserError as err:
         print(f"distillm2 {args.command}: error: {err}", file=sys.stderr)
+        from distillm2_jax import distributed
+
+        distributed.exit_after_failure(f"distillm2 {args.command}: {err}", 2)
         return 2
     except KeyboardInterrupt:
         print(f"distillm2 {args.command}: interrupted", file=sys.stderr)

@@ -89,7 +89,21 @@ def start_watchdog(timeout_s: float, *, interval_s: float | None = None) -> thre
     client = jax_distributed.global_state.client
     interval = interval_s or max(0.2, min(5.0, timeout_s / 5))
     stop = threading.Event()
-    atexit.register(stop.set)
+    key = f"distillm2/heartbeat/{me}"
+
+    def last_word(value: str) -> None:
+        """Stop beating and leave `value` for the others: DONE (this process exited normally,
+        others may still work) or FAILED + why (they stop too, now, instead of waiting)."""
+        if stop.is_set():
+            return
+        stop.set()
+        thread.join(timeout=2 * interval)
+        try:
+            client.key_value_set(key, value, allow_overwrite=True)
+        except Exception:  # noqa: BLE001 (the coordinator may be gone already)
+            pass
+
+    atexit.register(lambda: last_word(DONE))
 
     def die(message: str) -> None:
         if stop.is_set():
@@ -106,13 +120,18 @@ def start_watchdog(timeout_s: float, *, interval_s: float | None = None) -> thre
         while not stop.wait(interval):
             count += 1
             try:
-                client.key_value_set(f"distillm2/heartbeat/{me}", str(count), allow_overwrite=True)
+                client.key_value_set(key, str(count), allow_overwrite=True)
                 values = {p: _try_get(client, f"distillm2/heartbeat/{p}") for p in seen}
             except Exception as err:  # noqa: BLE001 (the runtime raises its own error types)
                 die(f"lost contact with the coordinator, process 0 of {n} ({str(err).splitlines()[0][:200]})")
                 return
             now = time.monotonic()
             for p, value in values.items():
+                if value == DONE:
+                    continue
+                if value and value.startswith(FAILED):
+                    die(f"process {p} of {n} stopped with an error ({value[len(FAILED):]})")
+                    return
                 if value != seen[p][0]:
                     seen[p] = (value, now)
                 elif now - seen[p][1] > timeout_s:
@@ -121,11 +140,26 @@ def start_watchdog(timeout_s: float, *, interval_s: float | None = None) -> thre
 
     thread = threading.Thread(target=beat, name="distillm2-heartbeat", daemon=True)
     thread.start()
-    _watchdog = (thread, timeout_s + 2 * interval, die)
+    _watchdog = (thread, timeout_s + 2 * interval, die, last_word)
     return thread
 
 
+def exit_after_failure(message: str, status: int) -> None:
+    """In a multi-process run, tell the other processes that this one stops with an error (a
+    UserError on this host only, e.g. a file it cannot read), so that they exit now rather than
+    wait for it, and exit with `status` without JAX's shutdown (it would wait for them, then
+    abort). Returns when this is the only process."""
+    if _watchdog is None:
+        return
+    _watchdog[3](FAILED + message.splitlines()[0][:300])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 _watchdog = None
+DONE = "done"  # the heartbeat value of a process that exited normally
+FAILED = "failed: "  # ... of one that stopped with an error, then the error
 # How a collective reports a peer that went away (gloo on CPU; the runtime's own status codes).
 _PEER_FAILURE = ("Gloo", "Connection reset", "Connection closed", "heartbeat", "UNAVAILABLE")
 
@@ -140,7 +174,7 @@ def exit_after_peer_failure(err: BaseException) -> None:
     """Give the watchdog the time it needs to name the lost process (it exits the process), then
     exit with status 1 and one line; never return into JAX's shutdown, which would wait for the
     lost process and abort."""
-    thread, wait_s, die = _watchdog
+    thread, wait_s, die, _ = _watchdog
     thread.join(timeout=wait_s)
     die(f"a collective with another process failed ({str(err).strip().splitlines()[0][:200]})")
     os._exit(1)

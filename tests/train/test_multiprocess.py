@@ -137,3 +137,31 @@ def test_a_dead_process_stops_the_survivor_and_the_rerun_resumes(tmp_path):
     a, b = api.restore_student(tmp_path / "reference"), api.restore_student(tmp_path / "run")
     for x, y in zip(jax.tree.leaves(a.params()), jax.tree.leaves(b.params())):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+
+
+def test_an_error_on_one_process_stops_the_others_at_once(tmp_path):
+    """Process 1 cannot load its student (a host-local problem): it stops with its error, and
+    process 0 exits too, naming process 1 and the error, instead of waiting in a collective."""
+    paths = build_tiny_run(tmp_path / "data", num_prompts=16)
+    settings = {"mesh.shape": "[-1,1,1]", "train.micro_batch": 4, "distributed.heartbeat_timeout_s": 60}
+    good = config_lib.dump(tiny_config(paths, tmp_path / "run", **settings), tmp_path / "good.yaml")
+    broken = tmp_path / "broken_student"      # exists (the config check passes), cannot be loaded
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "nowhere"}')
+    bad = config_lib.dump(tiny_config(paths, tmp_path / "run", **{**settings, "model.student": broken}),
+                          tmp_path / "bad.yaml")
+    port = _free_port()
+    procs = []
+    for i, cfg_path in enumerate((good, bad)):
+        env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", XLA_FLAGS="", DISTILLM2_CPU_DEVICES="2",
+                   DISTILLM2_COORDINATOR=f"127.0.0.1:{port}", DISTILLM2_NUM_PROCESSES="2",
+                   DISTILLM2_PROCESS_ID=str(i))
+        procs.append(subprocess.Popen([sys.executable, "-m", "distillm2_jax.cli", "train", str(cfg_path)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    t0 = time.monotonic()
+    out1 = procs[1].communicate(timeout=300)[0]
+    out0 = procs[0].communicate(timeout=300)[0]
+    assert procs[1].returncode == 2 and "broken_student" in out1, out1[-2000:]
+    assert procs[0].returncode == 1 and "process 1 of 2 stopped with an error" in out0, out0[-2000:]
+    assert "broken_student" in out0 and "Traceback" not in out0, out0[-2000:]
+    assert time.monotonic() - t0 < 60          # well before the 60 s heartbeat timeout would have said so

@@ -60,12 +60,13 @@ BASE = {"teacher": "teacher", "warmup": "student (warm-up only)"}
 METRICS = (("exact_match", "exact match ↑", ".3f"), ("nll", "NLL teacher resp. ↓", ".3f"),
            ("own_nll", "NLL own resp.", ".3f"), ("acceptance", "acceptance ↑", ".3f"))
 
-# Seconds on a 2-core CPU, fitted to smoke runs at two sizes (docs/experiments.md, "Cost"): per seed
-# `seed_s + sft_step_s * sft_steps`, plus `first_seed_s` once (compiles; later seeds load them from the
-# cache); per trained method `method_s + prompt_epoch_s * prompts * epochs` (the second term x
-# `on_policy_factor` for methods that sample the student); per evaluated model `eval_s + heldout_s * heldout`.
-COST = dict(first_seed_s=240.0, seed_s=10.0, sft_step_s=0.8, method_s=12.0, prompt_epoch_s=0.018,
-            on_policy_factor=1.3, eval_s=1.5, heldout_s=0.06)
+# Seconds on an idle 2-core CPU, fitted to seeds 2 and 3 of the default 5-seed run (docs/experiments.md,
+# "Cost"): per seed `seed_s + sft_step_s * sft_steps` (seed_s includes sampling the teacher's responses
+# once), plus `first_seed_s` once (compiles; later seeds load them from the cache); per trained method
+# `method_s + prompt_epoch_s * prompts * epochs` (the second term x `on_policy_factor` for methods that
+# sample the student); per evaluated model `eval_s + heldout_s * heldout`.
+COST = dict(first_seed_s=120.0, seed_s=45.0, sft_step_s=0.44, method_s=8.0, prompt_epoch_s=0.013,
+            on_policy_factor=1.8, eval_s=1.5, heldout_s=0.015)
 
 
 def label(key: str) -> str:

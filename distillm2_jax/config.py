@@ -30,6 +30,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from distillm2_jax import objectives
 from distillm2_jax.errors import UserError
 
 __all__ = [
@@ -42,7 +43,6 @@ __all__ = [
 # spelled out here so reading a config never imports JAX.
 LORA_TARGETS: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
 MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
-TEACHER_FREE_OBJECTIVES: tuple[str, ...] = ("sft", "seqkd")
 
 
 class ConfigError(UserError):
@@ -303,7 +303,7 @@ class Config(_Section):
         """Raise ConfigError unless the model paths this objective needs are set."""
         if not self.model.student:
             raise ConfigError("required", "model.student", self._source("model.student"))
-        teacher_free = (self.objective.name in TEACHER_FREE_OBJECTIVES
+        teacher_free = (not objectives.get(self.objective.name).needs_teacher
                         and (self.data.pairs or self.data.teacher_responses))
         if not self.model.teacher and not teacher_free:
             raise ConfigError("required", "model.teacher", self._source("model.teacher"))

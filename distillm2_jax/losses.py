@@ -24,20 +24,16 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from distillm2_jax import objectives
 from distillm2_jax.curriculum import sequence_gaps
 
 IGNORE_INDEX = -100
-OBJECTIVES = ("distillm2", "distillm", "kd", "rkl", "seqkd", "gkd", "dpkd", "sft")
-# Objectives whose loss reads the student-generated (SGO) rows; the others train on teacher
-# responses only, so the trainer samples no student responses for them.
-STUDENT_RESPONSE_OBJECTIVES = ("distillm2", "distillm", "rkl", "gkd", "dpkd")
+OBJECTIVES = objectives.NAMES  # what each one trains on and needs: distillm2_jax.objectives
 REDUCTIONS = ("sequence", "token")
 NORMALIZATIONS = ("paper", "authors_code")
 GRAD_MODES = ("fused", "remat")
 # Default ``beta`` per objective: b of CALD, JSD mixture weight of GKD, DPO temperature of DPKD.
 DEFAULT_BETA = {"distillm2": 0.5, "gkd": 0.9, "dpkd": 0.1}
-# Objectives that need no teacher at all (teacher arguments may be None).
-TEACHER_FREE = ("seqkd", "sft")
 # Objectives whose loss is nonlinear in the per-sequence sums (fused path needs a first pass).
 _NONLINEAR = ("dpkd",)
 # Vocab tiles inside a chunk of the fused path (gradient passes and head-gradient update).
@@ -145,9 +141,9 @@ def _make_spec(name, num_pairs, beta, skew_stopgrad, reduction, normalization, h
         raise ValueError(f"normalization={normalization!r}: choose one of {NORMALIZATIONS}")
     if not isinstance(num_pairs, int) or num_pairs < 1:
         raise ValueError(f"num_pairs={num_pairs!r}: must be a positive Python int (static)")
-    if not has_teacher and name not in TEACHER_FREE:
-        raise ValueError(f"objective {name!r} needs the teacher; teacher inputs may be None only "
-                         f"for {TEACHER_FREE}")
+    if not has_teacher and objectives.get(name).needs_teacher:
+        raise ValueError(f"objective {name!r} needs the teacher; teacher inputs may be None only for "
+                         f"{[n for n in OBJECTIVES if not objectives.get(n).needs_teacher]}")
     beta_static = float(beta) if isinstance(beta, (int, float)) else None
     return _Spec(name, num_pairs, bool(skew_stopgrad), reduction, normalization, beta_static,
                  has_teacher)

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # demo_lab, also when 
 import demo_lab as lab  # noqa: E402
 
 from distillm2_jax import stats  # noqa: E402
-from distillm2_jax.losses import STUDENT_RESPONSE_OBJECTIVES  # noqa: E402
+from distillm2_jax import objectives  # noqa: E402
 from distillm2_jax.demo import run  # noqa: E402
 from distillm2_jax.errors import UserError  # noqa: E402
 
@@ -79,7 +79,7 @@ def estimate_minutes(s: run.DemoSettings, n_seeds: int, methods: list[lab.Method
     per_eval = c["eval_s"] + c["heldout_s"] * s.heldout
     per_seed = c["seed_s"] + c["sft_step_s"] * s.sft_steps + 2 * per_eval   # + the teacher and the warm-up
     for m in methods:
-        on_policy = c["on_policy_factor"] if m.objective in STUDENT_RESPONSE_OBJECTIVES else 1.0
+        on_policy = c["on_policy_factor"] if objectives.get(m.objective).student_responses else 1.0
         per_seed += c["method_s"] + c["prompt_epoch_s"] * s.distill_prompts * s.epochs * on_policy + per_eval
     return (c["first_seed_s"] + n_seeds * per_seed) / 60
 

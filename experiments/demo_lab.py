@@ -31,12 +31,11 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from distillm2_jax import api, evaluate, models
+from distillm2_jax import api, evaluate, models, objectives
 from distillm2_jax.data.pairs import build_pairs
 from distillm2_jax.demo import assets, run, task
 from distillm2_jax.errors import UserError
 from distillm2_jax.generate import generate_file, meta_path
-from distillm2_jax.losses import STUDENT_RESPONSE_OBJECTIVES
 from distillm2_jax.train.loop import TrainingDiverged
 
 # Own-response sampling seed = settings.seed + 1000: apart from the streams demo.run draws from
@@ -192,7 +191,7 @@ def train(start: Start, method: Method, log: Callable[[str], None] | None = None
     cfg = run.train_config(start.root, start.settings, method.objective, teacher_responses=start.teacher_responses,
                            run_name=method.key, overrides={"logging.progress": False, **method.overrides})
     data = Path(cfg.run_dir) / "data"
-    on_policy = method.objective in STUDENT_RESPONSE_OBJECTIVES
+    on_policy = objectives.get(method.objective).student_responses
     if on_policy and start.student_epoch1 is not None:
         data.mkdir(parents=True, exist_ok=True)
         for src in (start.student_epoch1, meta_path(start.student_epoch1)):

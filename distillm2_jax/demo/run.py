@@ -86,7 +86,7 @@ def train_config(out: Path, s: DemoSettings, objective: str, *, teacher_response
                  run_name: str | None = None, overrides: dict | None = None):
     """The run configuration of one distillation (a `Config`, as `distillm2 train` reads from YAML)."""
     from distillm2_jax.config import Config
-    from distillm2_jax.losses import STUDENT_RESPONSE_OBJECTIVES
+    from distillm2_jax import objectives
 
     over = {
         "run_dir": str(out / "runs" / (run_name or objective)), "seed": s.seed,
@@ -97,7 +97,7 @@ def train_config(out: Path, s: DemoSettings, objective: str, *, teacher_response
         "generation.temperature": s.temperature, "generation.top_p": s.top_p,
         "generation.max_new_tokens": s.max_new_tokens, "generation.batch_size": 256,
         # Only objectives that train on the student's responses need them regenerated each epoch.
-        "generation.regenerate_student": objective in STUDENT_RESPONSE_OBJECTIVES,
+        "generation.regenerate_student": objectives.get(objective).student_responses,
         "objective.name": objective, "objective.chunk_size": MAX_LENGTH,
         "train.epochs": s.epochs, "train.global_batch": s.global_batch, "train.log_every": 1,
         "optim.lr": s.lr, "optim.warmup_ratio": 0.1,

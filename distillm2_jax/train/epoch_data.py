@@ -14,13 +14,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from distillm2_jax import distributed
+from distillm2_jax import distributed, objectives
 from distillm2_jax.data.batches import check_stored_ids
 from distillm2_jax.data.loader import PairLoader
 from distillm2_jax.data.pairs import build_pairs, read_pairs
 from distillm2_jax.data.records import first_line, read_json_file
 from distillm2_jax.errors import UserError
-from distillm2_jax.losses import STUDENT_RESPONSE_OBJECTIVES
 
 
 def load_tokenizer(path: str):
@@ -102,7 +101,7 @@ class EpochData:
         d, g = self.cfg.data, self.cfg.generation
         # An objective that never reads the student rows (kd, seqkd, sft) gets each teacher
         # response paired with itself: nothing is sampled from the student for it.
-        needs_student = self.cfg.objective.name in STUDENT_RESPONSE_OBJECTIVES
+        needs_student = objectives.get(self.cfg.objective.name).student_responses
         regenerate = g.regenerate_student and needs_student
         if d.pairs and (epoch == 0 or not regenerate):
             return self._read(d.pairs, epoch)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from distillm2_jax import curriculum, distributed, models
+from distillm2_jax import curriculum, distributed, models, objectives
 from distillm2_jax import sharding as shd
 from distillm2_jax.errors import UserError
 from distillm2_jax.train import epoch_data
@@ -29,7 +29,6 @@ from distillm2_jax.train.optimizer import make_optimizer
 from distillm2_jax.train.step import (Batch, StepConfig, StepInputs, TrainState, combine, measure_gaps,
                                       teacher_sequence_logprobs, train_step)
 
-TEACHER_FREE = ("seqkd", "sft")
 
 
 class TrainingDiverged(UserError):
@@ -121,7 +120,8 @@ class Trainer:
                             f"{ways} data-parallel ways of mesh.shape={list(cfg.mesh.shape)} (data x fsdp)")
         self.tokenizer = epoch_data.load_tokenizer(cfg.model.tokenizer or cfg.model.teacher)
         obj = cfg.objective
-        self.needs_teacher = obj.name not in TEACHER_FREE
+        self.objective = objectives.get(obj.name)
+        self.needs_teacher = self.objective.needs_teacher
         self.student = models.from_pretrained(cfg.model.student, dtype=getattr(jnp, cfg.model.student_dtype),
                                               mesh=self.mesh)
         self.teacher = None
@@ -155,19 +155,17 @@ class Trainer:
             student=self.student.config,
             teacher=self.teacher.config if self.teacher_params is not None else None,
             objective=obj.name, alpha=obj.alpha, alpha_min=obj.alpha_min,
-            curriculum=obj.curriculum and obj.name == "distillm2", skew_stopgrad=obj.skew_stopgrad, reduction=obj.reduction,
+            curriculum=obj.curriculum and self.objective.curriculum, skew_stopgrad=obj.skew_stopgrad, reduction=obj.reduction,
             normalization=obj.normalization, chunk_size=obj.chunk_size,
             compute_dtype=c.model.compute_dtype, remat=c.model.remat,
             lora_dropout=c.lora.dropout if c.lora.enabled else 0.0)
 
     def objective_beta(self, step: int, total_steps: int, epoch: int, steps_per_epoch: int) -> float:
-        obj = self.cfg.objective
-        if obj.name == "gkd":
-            return obj.gkd_beta
-        if obj.name == "dpkd":
-            return obj.dpkd_beta
-        if obj.name != "distillm2":
+        obj, source = self.cfg.objective, self.objective.beta
+        if source == "none":
             return 0.0
+        if source != "schedule":
+            return float(getattr(obj, source))      # a fixed config key, e.g. objective.gkd_beta
         return float(curriculum.b_schedule(
             obj.beta_schedule, step=step, total_steps=total_steps, epoch=epoch,
             num_epochs=self.cfg.train.epochs, steps_per_epoch=steps_per_epoch, b0=obj.beta))
@@ -272,7 +270,7 @@ class Trainer:
                 pairs = first_pairs if epoch == 0 else data.pairs_for_epoch(
                     epoch, teacher=self.teacher, student=self.current_student(state))
                 loader = epoch_data.make_loader(cfg, pairs, self.tokenizer, epoch)
-                curriculum_on = (epoch > 0 and cfg.objective.curriculum and cfg.objective.name == "distillm2")
+                curriculum_on = epoch > 0 and self.step_config().curriculum
                 ref_gap, teacher_logps = 0.0, None
                 if curriculum_on:
                     ref_gap, teacher_logps = self._epoch_curriculum(

@@ -5,7 +5,7 @@ and HF saved-dataset folders, TFDS records, YAML configs, model and tokenizer fo
 10^4-10^5 deep, truncation, invalid UTF-8, NaN / Infinity / huge numbers, wrong or missing
 fields, huge lines, binary junk. Every reader must succeed or raise `UserError` whose message is
 one short line containing the file (or spec) name; any other exception fails the test.
-`test_total` checks that the file generated at least 1000 inputs.
+Each test checks that it generated its QUOTA of inputs, and the quotas add up to >= 1000.
 """
 from __future__ import annotations
 
@@ -31,7 +31,12 @@ from distillm2_jax.data.prompts import load_templated_prompts
 from distillm2_jax.data.sources import load_prompts
 from distillm2_jax.errors import UserError
 
-COUNTS: dict[str, int] = {}  # test name -> inputs generated (test_total sums them)
+# Inputs each test generates. Every test checks that it generated its quota in the process that
+# ran it (the suite runs under xdist, so no one process sees every test); the quotas add up to
+# the >= 1000 malformed inputs the readers must survive.
+QUOTA = {"pairs": 220, "generations": 220, "prompts": 180, "folders": 120, "tfds": 60, "config": 180,
+         "model": 80, "tokenizer": 80}
+COUNTS: dict[str, int] = {}  # kind -> inputs generated in this process
 FUZZ = dict(deadline=None, suppress_health_check=list(HealthCheck))
 MAX_MESSAGE = 1000  # "one short line": besides file names, location + field + a little context
 
@@ -49,9 +54,23 @@ def check(call, *names) -> None:
         assert any(str(n) in msg for n in names), msg[:500]
 
 
-def count(test: str) -> None:
-    """One more generated input for `test_total`."""
-    COUNTS[test] = COUNTS.get(test, 0) + 1
+def count(kind: str) -> None:
+    """One more generated input of `kind` (a QUOTA key)."""
+    COUNTS[kind] = COUNTS.get(kind, 0) + 1
+
+
+@pytest.fixture(autouse=True)
+def _quota_reached():
+    """After each test: every kind it generated reached its quota (hypothesis ran them all)."""
+    before = dict(COUNTS)
+    yield
+    for kind, n in COUNTS.items():
+        if n != before.get(kind, 0):
+            assert n - before.get(kind, 0) >= QUOTA[kind], (kind, n - before.get(kind, 0))
+
+
+def test_quotas_add_up_to_1000_inputs():
+    assert sum(QUOTA.values()) >= 1000
 
 
 # --------------------------------------------------------------------------- valid inputs
@@ -202,7 +221,7 @@ def work(tmp_path_factory):
 # --------------------------------------------------------------------------- data files
 
 
-@settings(max_examples=220, **FUZZ)
+@settings(max_examples=QUOTA["pairs"], **FUZZ)
 @given(data=json_file(PAIRS))
 def test_pair_files(work, data):
     count("pairs")
@@ -212,7 +231,7 @@ def test_pair_files(work, data):
     check(lambda: read_eval_records(path), path)
 
 
-@settings(max_examples=220, **FUZZ)
+@settings(max_examples=QUOTA["generations"], **FUZZ)
 @given(data=json_file(GENERATIONS))
 def test_generation_files(work, data):
     count("generations")
@@ -225,7 +244,7 @@ def test_generation_files(work, data):
     check(lambda: read_eval_records(path), path)
 
 
-@settings(max_examples=180, **FUZZ)
+@settings(max_examples=QUOTA["prompts"], **FUZZ)
 @given(data=json_file(PROMPTS))
 def test_prompt_files(work, tokenizer, data):
     count("prompts")
@@ -281,7 +300,7 @@ def dataset_folder(draw, root) -> str:
     return str(root)
 
 
-@settings(max_examples=120, **FUZZ)
+@settings(max_examples=QUOTA["folders"], **FUZZ)
 @given(data=st.data())
 def test_dataset_folders(work, data):
     spec = data.draw(dataset_folder(work / "ds"))
@@ -295,7 +314,7 @@ NP_JUNK = st.sampled_from([b"\xff\xfe", np.array([b"ok", b"\xc3\x28"]), np.float
                            np.array([b"user", b"assistant"]), {"role": np.array([b"user"])}])
 
 
-@settings(max_examples=60, **FUZZ)
+@settings(max_examples=QUOTA["tfds"], **FUZZ)
 @given(rows=st.lists(st.dictionaries(st.sampled_from(["prompt", "messages", "chosen", "rejected",
                                                       "chosen_ids", "chosen_tokenizer"]),
                                      NP_JUNK, max_size=4) | NP_JUNK, max_size=3),
@@ -350,7 +369,7 @@ def yaml_file(draw) -> bytes:
     return data if draw(st.integers(0, 9)) else draw(st.binary(max_size=256))
 
 
-@settings(max_examples=180, **FUZZ)
+@settings(max_examples=QUOTA["config"], **FUZZ)
 @given(data=yaml_file())
 def test_yaml_configs(work, data):
     count("config")
@@ -410,30 +429,27 @@ def damaged_folder(draw, src, dst, json_names) -> str:
     return str(dst)
 
 
-@settings(max_examples=80, **FUZZ)
-@given(data=st.data())
-def test_model_folders(model_dirs, data):
+def _load_model(path):
     from distillm2_jax import models
 
-    path = data.draw(damaged_folder(model_dirs / "model", model_dirs / "m",
-                                    ["config.json", "model.safetensors.index.json"]))
-    count("model")
-    check(lambda: models.from_pretrained(path), path)
+    return models.from_pretrained(path)
 
 
-@settings(max_examples=80, **FUZZ)
-@given(data=st.data())
-def test_tokenizer_folders(model_dirs, data):
+def _load_tokenizer(path):
     from distillm2_jax.train.epoch_data import load_tokenizer
 
-    path = data.draw(damaged_folder(model_dirs / "tokenizer", model_dirs / "t",
-                                    ["tokenizer.json", "tokenizer_config.json"]))
-    count("tokenizer")
-    check(lambda: load_tokenizer(path), path)
+    return load_tokenizer(path)
 
 
-def test_total():
-    """The file as a whole generated >= 1000 malformed (or occasionally valid) inputs."""
-    if len(COUNTS) < 8:
-        pytest.skip("only part of this file ran")
-    assert sum(COUNTS.values()) >= 1000, COUNTS
+FOLDERS = {"model": (_load_model, ["config.json", "model.safetensors.index.json"]),
+           "tokenizer": (_load_tokenizer, ["tokenizer.json", "tokenizer_config.json"])}
+
+
+@pytest.mark.parametrize("kind", list(FOLDERS))
+@settings(max_examples=QUOTA["model"], **FUZZ)  # = QUOTA["tokenizer"]
+@given(data=st.data())
+def test_model_and_tokenizer_folders(model_dirs, kind, data):
+    load, json_names = FOLDERS[kind]
+    path = data.draw(damaged_folder(model_dirs / kind, model_dirs / kind[0], json_names))
+    count(kind)
+    check(lambda: load(path), path)

@@ -92,12 +92,13 @@ def test_generate_command_on_two_processes_matches_one(tmp_path):
     assert "distillm2 generate: wrote 12 of 12 rows" in (tmp_path / "logs_gen" / "process_0.log").read_text()
 
 
-def _start(tmp_path, cfg_path: Path, port: int, name: str) -> list[subprocess.Popen]:
-    """The two processes launch/local_cpu.sh would start, as handles (to kill one of them)."""
+def _start(tmp_path, cfg_paths: list[Path], port: int, name: str) -> list[subprocess.Popen]:
+    """The processes launch/local_cpu.sh would start (process i trains cfg_paths[i]), as handles
+    (to kill one of them); their output goes to NAME_process_I.log."""
     procs = []
-    for i in range(2):
+    for i, cfg_path in enumerate(cfg_paths):
         env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", XLA_FLAGS="", DISTILLM2_CPU_DEVICES="2",
-                   DISTILLM2_COORDINATOR=f"127.0.0.1:{port}", DISTILLM2_NUM_PROCESSES="2",
+                   DISTILLM2_COORDINATOR=f"127.0.0.1:{port}", DISTILLM2_NUM_PROCESSES=str(len(cfg_paths)),
                    DISTILLM2_PROCESS_ID=str(i))
         log = open(tmp_path / f"{name}_process_{i}.log", "w")
         procs.append(subprocess.Popen([sys.executable, "-m", "distillm2_jax.cli", "train", str(cfg_path)],
@@ -114,7 +115,7 @@ def test_a_dead_process_stops_the_survivor_and_the_rerun_resumes(tmp_path):
                 "distributed.heartbeat_timeout_s": timeout_s}
     reference = train(tiny_config(paths, tmp_path / "reference", **{**settings, "mesh.shape": "[4,1,1]"}))
     cfg_path = config_lib.dump(tiny_config(paths, tmp_path / "run", **settings), tmp_path / "run.yaml")
-    procs = _start(tmp_path, cfg_path, _free_port(), "first")
+    procs = _start(tmp_path, [cfg_path] * 2, _free_port(), "first")
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.monotonic() + 300
     logs = lambda name: "\n".join((tmp_path / f"{name}_process_{i}.log").read_text()[-3000:] for i in (0, 1))  # noqa: E731
@@ -131,7 +132,7 @@ def test_a_dead_process_stops_the_survivor_and_the_rerun_resumes(tmp_path):
     assert "Traceback" not in log and "Check failure" not in log, log[-2000:]
     steps_before = len(metrics.read_text().splitlines())
     assert steps_before < reference.steps
-    procs = _start(tmp_path, cfg_path, _free_port(), "rerun")
+    procs = _start(tmp_path, [cfg_path] * 2, _free_port(), "rerun")
     assert [p.wait(timeout=600) for p in procs] == [0, 0], logs("rerun")
     assert "resumed from" in (tmp_path / "rerun_process_0.log").read_text()
     a, b = api.restore_student(tmp_path / "reference"), api.restore_student(tmp_path / "run")
@@ -150,18 +151,12 @@ def test_an_error_on_one_process_stops_the_others_at_once(tmp_path):
     (broken / "config.json").write_text('{"model_type": "nowhere"}')
     bad = config_lib.dump(tiny_config(paths, tmp_path / "run", **{**settings, "model.student": broken}),
                           tmp_path / "bad.yaml")
-    port = _free_port()
-    procs = []
-    for i, cfg_path in enumerate((good, bad)):
-        env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", XLA_FLAGS="", DISTILLM2_CPU_DEVICES="2",
-                   DISTILLM2_COORDINATOR=f"127.0.0.1:{port}", DISTILLM2_NUM_PROCESSES="2",
-                   DISTILLM2_PROCESS_ID=str(i))
-        procs.append(subprocess.Popen([sys.executable, "-m", "distillm2_jax.cli", "train", str(cfg_path)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    procs = _start(tmp_path, [good, bad], _free_port(), "error")
     t0 = time.monotonic()
-    out1 = procs[1].communicate(timeout=300)[0]
-    out0 = procs[0].communicate(timeout=300)[0]
-    assert procs[1].returncode == 2 and "broken_student" in out1, out1[-2000:]
-    assert procs[0].returncode == 1 and "process 1 of 2 stopped with an error" in out0, out0[-2000:]
+    codes = [p.wait(timeout=300) for p in procs]
+    out0, out1 = ((tmp_path / f"error_process_{i}.log").read_text() for i in (0, 1))
+    assert codes == [1, 2], (codes, out0[-2000:], out1[-2000:])
+    assert "broken_student" in out1, out1[-2000:]
+    assert "process 1 of 2 stopped with an error" in out0, out0[-2000:]
     assert "broken_student" in out0 and "Traceback" not in out0, out0[-2000:]
     assert time.monotonic() - t0 < 60          # well before the 60 s heartbeat timeout would have said so

@@ -13,10 +13,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distillm2_jax import losses
+from distillm2_jax import answers, objectives
 from distillm2_jax.data.batches import make_batch
+from distillm2_jax.data.chat import encode_prompts, pad_token_id, stop_token_ids
+from distillm2_jax.data.messages import prompt_from_value
 from distillm2_jax.data.pairs import read_pairs
-from distillm2_jax.models import decoder
+from distillm2_jax.generation import sample
+from distillm2_jax.models import align_vocab, decoder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,11 +33,9 @@ class NLLResult:
 @functools.partial(jax.jit, static_argnames=("cfg", "chunk_size"))
 def _token_nll_sums(params, cfg, input_ids, attention_mask, labels, chunk_size):
     hidden, _ = decoder.forward(params, cfg, input_ids, attention_mask)
-    # seqkd's metrics carry the per-sequence mean log-prob of the labels and token counts
-    _, m = losses.chunked_objective("seqkd", hidden, decoder.output_head(params, cfg), None, None, labels,
-                                    num_pairs=input_ids.shape[0] // 2, chunk_size=chunk_size,
-                                    student_softcap=cfg.final_softcap, grad_mode="remat")
-    return -jnp.sum(m["student_logp_seq"] * m["tokens_seq"]), jnp.sum(m["tokens_seq"])
+    logp, tokens = objectives.label_logprobs(hidden, decoder.output_head(params, cfg), labels,
+                                             chunk_size=chunk_size, softcap=cfg.final_softcap)
+    return -jnp.sum(logp), jnp.sum(tokens)
 
 
 def nll(model, pairs, tokenizer, *, batch_size: int = 8, max_length: int = 1024,
@@ -42,18 +43,13 @@ def nll(model, pairs, tokenizer, *, batch_size: int = 8, max_length: int = 1024,
     """NLL of the `chosen` (teacher) responses of `pairs` (a list or a pair-file spec) under `model`."""
     if isinstance(pairs, (str, bytes)) or hasattr(pairs, "__fspath__"):
         pairs = read_pairs(pairs)
-    from distillm2_jax.data.chat import pad_token_id
-
     params, cfg = model.params(), model.config
     total, count = 0.0, 0
     for start in range(0, len(pairs), batch_size):
         chunk = list(pairs[start:start + batch_size])
         batch = make_batch(chunk, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length)
-        # Only the chosen rows [0:B]; the objective wants an even row count, so an odd B gets
-        # one padding row (no tokens, no labels).
-        rows = len(chunk) + len(chunk) % 2
-        ids, mask, labels = (np.asarray(batch[k][:rows]).copy() for k in ("input_ids", "attention_mask", "labels"))
-        ids[len(chunk):], mask[len(chunk):], labels[len(chunk):] = pad_token_id(tokenizer), 0, losses.IGNORE_INDEX
+        # Only the chosen rows [0:B].
+        ids, mask, labels = (np.asarray(batch[k][:len(chunk)]) for k in ("input_ids", "attention_mask", "labels"))
         s, n = _token_nll_sums(params, cfg, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(labels),
                                chunk_size=min(chunk_size, labels.shape[1]))
         total += float(s)
@@ -67,8 +63,6 @@ def nll(model, pairs, tokenizer, *, batch_size: int = 8, max_length: int = 1024,
 
 
 def _messages(prompt) -> list:
-    from distillm2_jax.data.messages import prompt_from_value
-
     return prompt_from_value(prompt, "prompt", "prompt")[1]
 
 
@@ -79,10 +73,6 @@ def respond(model, prompts, tokenizer, *, max_new_tokens: int = 256, temperature
     The model's logits are sliced to the tokenizer's vocabulary first (`models.align_vocab`), so
     padding rows of a larger head (Qwen2.5-7B: 152064 rows) are never sampled.
     """
-    from distillm2_jax.data.chat import encode_prompts, pad_token_id, stop_token_ids
-    from distillm2_jax.generate import sample
-    from distillm2_jax.models import align_vocab
-
     align_vocab(len(tokenizer), model)
 
     encoded = encode_prompts(tokenizer, [_messages(p) for p in prompts], max_prompt_length=max_prompt_length)
@@ -109,8 +99,6 @@ def exact_match(model, records, tokenizer, *, extract=None, correct=None, **resp
     (malformed) and correct(prompt, response, answer) -> bool default to the generic
     `answers.extract_answer` / `answers.exact_match`; the demo passes its task's checker.
     """
-    from distillm2_jax import answers
-
     extract = extract or (lambda prompt, response: answers.extract_answer(response))
     correct = correct or (lambda prompt, response, answer: answers.exact_match(response, answer))
     responses = respond(model, [r["prompt"] for r in records], tokenizer, **respond_kwargs)
@@ -160,11 +148,11 @@ def _acceptance_sums(dparams, dcfg, tparams, tcfg, input_ids, attention_mask, la
     lab = labels[:, 1:]
     # Start the chunk grid at the batch's first label; earlier positions are prompt in every row,
     # and chunks without a label skip both heads (as in the training loss).
-    start = losses.first_label(lab)
+    start = objectives.first_label(lab)
     hd, ht, lab = (jnp.roll(x, -start, axis=1) for x in (hd, ht, lab))
     pad = -hd.shape[1] % chunk_size
     hd, ht = (jnp.pad(h, ((0, 0), (0, pad), (0, 0))) for h in (hd, ht))
-    lab = jnp.pad(lab, ((0, 0), (0, pad)), constant_values=losses.IGNORE_INDEX)
+    lab = jnp.pad(lab, ((0, 0), (0, pad)), constant_values=objectives.IGNORE_INDEX)
     n = hd.shape[1] // chunk_size
 
     def split(x):  # [B, n*c, ...] -> [n, B, c, ...]
@@ -172,11 +160,11 @@ def _acceptance_sums(dparams, dcfg, tparams, tcfg, input_ids, attention_mask, la
 
     def one(args):
         hd_c, ht_c, lab_c = args
-        return jax.lax.cond(jnp.any(lab_c != losses.IGNORE_INDEX), heads, lambda *_: tuple(jnp.float32(0) for _ in range(4)),
+        return jax.lax.cond(jnp.any(lab_c != objectives.IGNORE_INDEX), heads, lambda *_: tuple(jnp.float32(0) for _ in range(4)),
                             hd_c, ht_c, lab_c)
 
     def heads(hd_c, ht_c, lab_c):
-        m_c = lab_c != losses.IGNORE_INDEX
+        m_c = lab_c != objectives.IGNORE_INDEX
         draft_logits = decoder.logits_from_hidden(dparams, dcfg, hd_c)
         lq_whole = jax.nn.log_softmax(draft_logits, axis=-1)
         # Over the tokenizer's ids only when the head has padding rows (else the same array).

@@ -2,7 +2,7 @@
 import numpy as np
 import torch
 
-from distillm2_jax import api, losses
+from distillm2_jax import api, objectives
 from distillm2_jax.data.batches import make_batch
 from tests.tiny_models import build_hf_model
 from tests.tiny_run import build_tiny_run
@@ -24,7 +24,7 @@ def test_nll_matches_torch(tmp_path):
         logits = torch_model(input_ids=ids, attention_mask=mask).logits
     logp = torch.log_softmax(logits[:, :-1].float(), -1)
     target = labels[:, 1:]
-    valid = target != losses.IGNORE_INDEX
+    valid = target != objectives.IGNORE_INDEX
     picked = logp.gather(-1, target.clamp(min=0)[..., None])[..., 0]
     expected = float(-(picked * valid).sum() / valid.sum())
     assert result.tokens == int(valid.sum()) and result.sequences == n
@@ -54,7 +54,7 @@ def test_acceptance_rate_matches_a_direct_computation(tmp_path):
     ids, mask, labels = (np.asarray(batch[k][:n]) for k in ("input_ids", "attention_mask", "labels"))
     q = _torch_probs(AutoModelForCausalLM.from_pretrained(str(paths["student"])), ids, mask)
     p = _torch_probs(AutoModelForCausalLM.from_pretrained(str(paths["teacher"])), ids, mask)
-    valid = labels[:, 1:] != losses.IGNORE_INDEX
+    valid = labels[:, 1:] != objectives.IGNORE_INDEX
     accept = np.minimum(p, q).sum(-1)
     agree = p.argmax(-1) == q.argmax(-1)
     assert result.tokens == int(valid.sum())

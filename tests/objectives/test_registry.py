@@ -3,12 +3,12 @@ import typing
 
 import pytest
 
-from distillm2_jax import config, losses, objectives
+from distillm2_jax import config, objectives
 
 
 def test_every_list_of_objectives_is_the_registry():
     names = typing.get_args(config.ObjectiveSection.model_fields["name"].annotation)
-    assert names == objectives.NAMES == losses.OBJECTIVES
+    assert names == objectives.NAMES
 
 
 def test_what_each_objective_trains_on_and_needs():
@@ -25,3 +25,24 @@ def test_what_each_objective_trains_on_and_needs():
 def test_an_unknown_name_lists_the_choices():
     with pytest.raises(ValueError, match="unknown objective 'kl'.*distillm2, distillm, kd"):
         objectives.get("kl")
+
+
+@pytest.mark.parametrize("name", objectives.NAMES)
+def test_each_objective_returns_the_parts_it_declares(name):
+    """The record's `parts` are exactly the metrics its loss adds (the trainer sums them across
+    micro-batches: `ADDITIVE_METRICS`), and `trained` names the rows its divergence reads."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    s = jnp.asarray(rng.normal(size=(4, 6, 9)), jnp.float32)
+    t = jnp.asarray(rng.normal(size=(4, 6, 9)), jnp.float32)
+    lab = jnp.asarray(np.where(np.arange(6) < 2, -100, rng.integers(0, 9, size=(4, 6))))
+    obj = objectives.get(name)
+    _, m = objectives.objective(name, s, t, lab, num_pairs=2)
+    base = set(objectives.objective("sft", s, None, lab, num_pairs=2)[1]) - {"nll"}
+    teacher = {"teacher_logp_seq", "teacher_logp", "teacher_logp_tgo", "teacher_logp_sgo", "gap", "gap_t", "gap_s"}
+    assert set(m) - base - teacher == set(obj.parts)
+    assert set(obj.parts) <= objectives.ADDITIVE_METRICS
+    assert obj.trained in ("tgo", "sgo", "all")
+    assert (obj.divergence is None) == (name in ("seqkd", "sft", "dpkd"))

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from distillm2_jax import curriculum as cur
-from distillm2_jax import losses
+from distillm2_jax import objectives
+from distillm2_jax.objectives import curriculum as cur
 
 
 def test_b_schedules_exact():
@@ -96,9 +96,9 @@ def test_curriculum_from_loss_metrics():
 
     @jax.jit
     def step(s, t, lab, m, epoch):
-        seq = losses.sequence_logprobs(s, t, lab)
+        seq = objectives.sequence_logprobs(s, t, lab)
         alpha, stats = cur.curriculum_alpha(seq, m, enabled=epoch >= 1)
-        loss, metrics = losses.objective("distillm2", s, t, lab, num_pairs=2, alpha=alpha)
+        loss, metrics = objectives.objective("distillm2", s, t, lab, num_pairs=2, alpha=alpha)
         return alpha, stats, metrics
 
     alpha, stats, metrics = step(s, t, lab, 0.05, 1)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from distillm2_jax import losses
+from distillm2_jax import objectives
 
 B, T, H, HT, V = 2, 8, 6, 5, 32  # 16 vocab tiles of 2; test_chunked_variants uses V = 37
 CAP = 3.0
@@ -31,12 +31,12 @@ def _capped(z, c):
 def _unchunked(name, hs, ws, ht, wt, lab, alpha, cap, reduction, sg=True):
     zs = _capped(jnp.einsum("nth,hv->ntv", hs, ws, preferred_element_type=jnp.float32), cap)
     zt = _capped(jnp.einsum("nth,hv->ntv", ht, wt, preferred_element_type=jnp.float32), cap)
-    return losses.objective(name, zs, zt, lab, num_pairs=B, alpha=alpha, reduction=reduction,
+    return objectives.objective(name, zs, zt, lab, num_pairs=B, alpha=alpha, reduction=reduction,
                             skew_stopgrad=sg)
 
 
 def _chunked(name, hs, ws, ht, wt, lab, alpha, cap, reduction, chunk, mode, sg=True):
-    return losses.chunked_objective(name, hs, ws, ht, wt, lab, num_pairs=B, chunk_size=chunk,
+    return objectives.chunked_objective(name, hs, ws, ht, wt, lab, num_pairs=B, chunk_size=chunk,
                                     student_softcap=cap, teacher_softcap=cap, alpha=alpha,
                                     reduction=reduction, grad_mode=mode, skew_stopgrad=sg)
 
@@ -46,7 +46,7 @@ def _chunked(name, hs, ws, ht, wt, lab, alpha, cap, reduction, chunk, mode, sg=T
 # non-dividing chunk with soft-cap, alternating chunk, reduction and grad mode.
 CONFIGS = [(4, None, "sequence", "fused", True), (5, CAP, "token", "fused", False),
            (3, CAP, "sequence", "remat", True)]
-_OTHERS = [n for n in losses.OBJECTIVES if n != "distillm2"]
+_OTHERS = [n for n in objectives.NAMES if n != "distillm2"]
 PLAN = {"distillm2": CONFIGS}
 for _i, _n in enumerate(_OTHERS):
     PLAN[_n] = [(3 + 2 * (_i % 2), CAP, ("token", "sequence")[_i % 2],
@@ -59,7 +59,7 @@ def _close(a, b, what):
     assert np.max(np.abs(a - b)) / scale < 1e-5, (what, np.max(np.abs(a - b)) / scale)
 
 
-@pytest.mark.parametrize("name", losses.OBJECTIVES)
+@pytest.mark.parametrize("name", objectives.NAMES)
 def test_chunked_matches_unchunked(name):
     hs, ws, ht, wt, lab, alpha = _inputs()
 
@@ -96,23 +96,23 @@ def test_chunked_variants():
         out = {}
         out["ref"] = jax.value_and_grad(lambda a: _unchunked(
             "distillm2", a, ws, ht, wt, lab, alpha, None, "sequence")[0])(hs)
-        out["hidden_only"] = jax.value_and_grad(lambda a: losses.chunked_objective(
+        out["hidden_only"] = jax.value_and_grad(lambda a: objectives.chunked_objective(
             "distillm2", a, ws, ht, wt, lab, num_pairs=B, chunk_size=16, alpha=alpha)[0])(hs)
-        out["head_only"] = jax.grad(lambda b: losses.chunked_objective(
+        out["head_only"] = jax.grad(lambda b: objectives.chunked_objective(
             "distillm2", hs, b, ht, wt, lab, num_pairs=B, chunk_size=3, alpha=alpha)[0])(ws)
         out["ref_head"] = jax.grad(lambda b: _unchunked(
             "distillm2", hs, b, ht, wt, lab, alpha, None, "sequence")[0])(ws)
         out["bf16"] = jax.value_and_grad(
-            lambda a, b: losses.chunked_objective("distillm2", a, b, bf(ht), bf(wt), lab,
+            lambda a, b: objectives.chunked_objective("distillm2", a, b, bf(ht), bf(wt), lab,
                                                   num_pairs=B, chunk_size=3)[0],
             argnums=(0, 1))(bf(hs), bf(ws))
-        out["sft"] = (losses.chunked_objective("sft", hs, ws, None, None, lab, num_pairs=B,
+        out["sft"] = (objectives.chunked_objective("sft", hs, ws, None, None, lab, num_pairs=B,
                                                chunk_size=3)[0],
                       _unchunked("sft", hs, ws, ht, wt, lab, alpha, None, "sequence")[0])
         zs = jnp.einsum("nth,hv->ntv", hs, ws)
         zt = jnp.einsum("nth,hv->ntv", ht, wt)
-        out["logprobs"] = (losses.chunked_sequence_logprobs(hs, ws, ht, wt, lab, chunk_size=3),
-                           losses.sequence_logprobs(zs, zt, lab))
+        out["logprobs"] = (objectives.chunked_sequence_logprobs(hs, ws, ht, wt, lab, chunk_size=3),
+                           objectives.sequence_logprobs(zs, zt, lab))
         return out
 
     out = run(*_inputs(1, v=37))
@@ -137,13 +137,13 @@ def test_chunked_memory_stays_below_full_logits():
             sd((h, v), jnp.float32), sd((n, t), jnp.int32))
 
     def chunked(hs, ws, ht, wt, lab):
-        return losses.chunked_objective("distillm2", hs, ws, ht, wt, lab, num_pairs=2,
+        return objectives.chunked_objective("distillm2", hs, ws, ht, wt, lab, num_pairs=2,
                                         chunk_size=16)[0]
 
     def unchunked(hs, ws, ht, wt, lab):
         zs = jnp.einsum("nth,hv->ntv", hs, ws)
         zt = jnp.einsum("nth,hv->ntv", ht, wt)
-        return losses.objective("distillm2", zs, zt, lab, num_pairs=2)[0]
+        return objectives.objective("distillm2", zs, zt, lab, num_pairs=2)[0]
 
     def temp(f):
         c = jax.jit(jax.value_and_grad(f, argnums=(0, 1))).lower(*args).compile()
@@ -176,9 +176,9 @@ def test_batch_sharded_moves_no_vocab_sized_data():
     def f(hs, ws, ht, wt, lab):
         kw = dict(num_pairs=n // 2)
         zs, zt = jnp.einsum("nth,hv->ntv", hs, ws), jnp.einsum("nth,hv->ntv", ht, wt)
-        return (losses.objective("distillm2", zs, zt, lab, **kw)[0]
-                + losses.chunked_objective("distillm2", hs, ws, ht, wt, lab, chunk_size=8, **kw)[0]
-                + losses.chunked_objective("distillm2", hs, ws, ht, wt, lab, chunk_size=8,
+        return (objectives.objective("distillm2", zs, zt, lab, **kw)[0]
+                + objectives.chunked_objective("distillm2", hs, ws, ht, wt, lab, chunk_size=8, **kw)[0]
+                + objectives.chunked_objective("distillm2", hs, ws, ht, wt, lab, chunk_size=8,
                                            grad_mode="remat", **kw)[0])
 
     hlo = jax.jit(jax.value_and_grad(f, argnums=(0, 1))).lower(*args).compile().as_text()
@@ -194,15 +194,15 @@ def test_batch_sharded_moves_no_vocab_sized_data():
 def test_chunked_errors():
     hs, ws, ht, wt, lab, alpha = _inputs()
     with pytest.raises(ValueError, match="vocab width"):
-        losses.chunked_objective("kd", hs, ws, ht, wt[:, :-1], lab, num_pairs=B)
+        objectives.chunked_objective("kd", hs, ws, ht, wt[:, :-1], lab, num_pairs=B)
     with pytest.raises(ValueError, match="grad_mode="):
-        losses.chunked_objective("kd", hs, ws, ht, wt, lab, num_pairs=B, grad_mode="x")
+        objectives.chunked_objective("kd", hs, ws, ht, wt, lab, num_pairs=B, grad_mode="x")
     with pytest.raises(ValueError, match="chunk_size="):
-        losses.chunked_objective("kd", hs, ws, ht, wt, lab, num_pairs=B, chunk_size=0)
+        objectives.chunked_objective("kd", hs, ws, ht, wt, lab, num_pairs=B, chunk_size=0)
     with pytest.raises(ValueError, match="student_head"):
-        losses.chunked_objective("kd", hs, ws.T, ht, wt, lab, num_pairs=B)
+        objectives.chunked_objective("kd", hs, ws.T, ht, wt, lab, num_pairs=B)
     with pytest.raises(ValueError, match="both be given"):
-        losses.chunked_objective("sft", hs, ws, ht, None, lab, num_pairs=B)
+        objectives.chunked_objective("sft", hs, ws, ht, None, lab, num_pairs=B)
 
 
 @pytest.mark.parametrize("name,mode", [("distillm2", "fused"), ("dpkd", "fused"), ("kd", "remat")])

@@ -1,4 +1,4 @@
-"""losses.objective against an independent float64 numpy re-derivation from docs/paper.md,
+"""objectives.objective against an independent float64 numpy re-derivation from docs/paper.md,
 finite-difference gradients, limits, and property-based checks of the divergences."""
 import functools
 
@@ -10,10 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from distillm2_jax import losses
+from distillm2_jax import objectives
+from distillm2_jax.objectives import divergences
 
 B, T, V = 2, 6, 9
-NAMES = losses.OBJECTIVES
+NAMES = objectives.NAMES
 
 
 # ------------------------------------------------------------------------------------------
@@ -118,7 +119,7 @@ def make_batch(seed, b=B, t=T, v=V, empty_row=None, scale=2.0):
 
 
 def _beta(name):
-    return losses.DEFAULT_BETA.get(name, 0.0)
+    return objectives.get(name).default_beta
 
 
 @functools.partial(jax.jit, static_argnames=("num_pairs",))
@@ -127,9 +128,9 @@ def all_objectives(s, t, lab, alpha, num_pairs):
     out = {}
     for name in NAMES:
         for red in ("sequence", "token"):
-            out[f"{name}/{red}"] = losses.objective(name, s, t, lab, num_pairs=num_pairs,
+            out[f"{name}/{red}"] = objectives.objective(name, s, t, lab, num_pairs=num_pairs,
                                                     alpha=alpha, beta=_beta(name), reduction=red)
-    out["distillm2/authors"] = losses.objective("distillm2", s, t, lab, num_pairs=num_pairs,
+    out["distillm2/authors"] = objectives.objective("distillm2", s, t, lab, num_pairs=num_pairs,
                                                 alpha=alpha, normalization="authors_code")
     return out
 
@@ -224,7 +225,7 @@ def test_gradients_finite_differences(name):
         rng = np.random.default_rng(5)
         for red in _FD_REDUCTIONS[name]:
             # skew_stopgrad=False: the true derivative (the stop-gradient variant: next test)
-            f = jax.jit(lambda x, t_, a_: losses.objective(
+            f = jax.jit(lambda x, t_, a_: objectives.objective(
                 name, x, t_, lab, num_pairs=1, alpha=a_, reduction=red, skew_stopgrad=False)[0])
             gs, gt, ga = jax.jit(jax.grad(f, argnums=(0, 1, 2)))(s, te, alpha)
             gs = np.asarray(gs)
@@ -246,7 +247,7 @@ def test_skew_stopgrad_gradient():
     with jax.enable_x64(True):
         s, te, lab, alpha = make_batch(6, b=1, t=4, v=5)
         lab[1, 1:] = np.array([1, 2, 3])  # SGO row fully in response
-        f = lambda x: losses.objective("distillm2", x, jnp.asarray(te), lab, num_pairs=1,  # noqa
+        f = lambda x: objectives.objective("distillm2", x, jnp.asarray(te), lab, num_pairs=1,  # noqa
                                        alpha=jnp.asarray(alpha), beta=1.0)[0]  # b=1: SRKL only
         g = np.asarray(jax.jit(jax.grad(f))(jnp.asarray(s)))
 
@@ -276,20 +277,20 @@ def test_limits():
     rng = np.random.default_rng(7)
     lp = jax.nn.log_softmax(jnp.asarray(rng.normal(size=(4, V)) * 2, jnp.float32))
     lq = jax.nn.log_softmax(jnp.asarray(rng.normal(size=(4, V)) * 2, jnp.float32))
-    fkl, rkl = losses.forward_kl(lp, lq), losses.reverse_kl(lp, lq)
-    np.testing.assert_allclose(losses.skew_kl(lp, lq, 0.0), fkl, rtol=1e-6)
-    np.testing.assert_allclose(losses.skew_reverse_kl(lp, lq, 0.0), rkl, rtol=1e-6)
-    np.testing.assert_allclose(losses.skew_kl(lp, lq, 1e-6), fkl, rtol=1e-4)
-    np.testing.assert_allclose(losses.skew_reverse_kl(lp, lq, 1e-6), rkl, rtol=1e-4)
-    np.testing.assert_allclose(losses.skew_kl(lp, lq, 1.0), 0.0, atol=1e-6)
-    np.testing.assert_allclose(losses.skew_reverse_kl(lp, lq, 1.0), 0.0, atol=1e-6)
-    np.testing.assert_allclose(losses.generalized_jsd(lp, lq, 0.0), fkl, rtol=1e-6)
-    np.testing.assert_allclose(losses.generalized_jsd(lp, lq, 1.0), rkl, rtol=1e-6)
-    jsd = jax.jit(losses.generalized_jsd)  # traced beta takes the jnp.where branch
+    fkl, rkl = divergences.forward_kl(lp, lq), divergences.reverse_kl(lp, lq)
+    np.testing.assert_allclose(divergences.skew_kl(lp, lq, 0.0), fkl, rtol=1e-6)
+    np.testing.assert_allclose(divergences.skew_reverse_kl(lp, lq, 0.0), rkl, rtol=1e-6)
+    np.testing.assert_allclose(divergences.skew_kl(lp, lq, 1e-6), fkl, rtol=1e-4)
+    np.testing.assert_allclose(divergences.skew_reverse_kl(lp, lq, 1e-6), rkl, rtol=1e-4)
+    np.testing.assert_allclose(divergences.skew_kl(lp, lq, 1.0), 0.0, atol=1e-6)
+    np.testing.assert_allclose(divergences.skew_reverse_kl(lp, lq, 1.0), 0.0, atol=1e-6)
+    np.testing.assert_allclose(divergences.generalized_jsd(lp, lq, 0.0), fkl, rtol=1e-6)
+    np.testing.assert_allclose(divergences.generalized_jsd(lp, lq, 1.0), rkl, rtol=1e-6)
+    jsd = jax.jit(divergences.generalized_jsd)  # traced beta takes the jnp.where branch
     np.testing.assert_allclose(jsd(lp, lq, jnp.float32(0.0)), fkl, rtol=1e-6)
     np.testing.assert_allclose(jsd(lp, lq, jnp.float32(1.0)), rkl, rtol=1e-6)
     np.testing.assert_allclose(jsd(lp, lq, jnp.float32(0.9)),
-                               losses.generalized_jsd(lp, lq, 0.9), rtol=1e-6)
+                               divergences.generalized_jsd(lp, lq, 0.9), rtol=1e-6)
     # a -> 0 in the objectives: distillm2 becomes (1-b) KL on TGO + b RKL on SGO, with a
     # finite gradient at a = 0
     s, te, lab, _ = make_batch(8)
@@ -299,10 +300,10 @@ def test_limits():
         out = []
         for red in ("sequence", "token"):
             kw = dict(num_pairs=B, reduction=red)
-            out.append((losses.objective("distillm2", x, te, lab, alpha=0.0, beta=0.5, **kw)[0],
-                        losses.objective("kd", x, te, lab, **kw)[0],
-                        losses.objective("rkl", x, te, lab, **kw)[0]))
-        g = jax.grad(lambda y: losses.objective("distillm2", y, te, lab, num_pairs=B,
+            out.append((objectives.objective("distillm2", x, te, lab, alpha=0.0, beta=0.5, **kw)[0],
+                        objectives.objective("kd", x, te, lab, **kw)[0],
+                        objectives.objective("rkl", x, te, lab, **kw)[0]))
+        g = jax.grad(lambda y: objectives.objective("distillm2", y, te, lab, num_pairs=B,
                                                 alpha=0.0)[0])(x)
         return out, g
 
@@ -315,10 +316,10 @@ def test_limits():
 @jax.jit
 def _all_divergences(zp, zq, a, b):
     lp, lq = jax.nn.log_softmax(zp), jax.nn.log_softmax(zq)
-    return jnp.stack([losses.forward_kl(lp, lq), losses.reverse_kl(lp, lq),
-                      losses.skew_kl(lp, lq, a), losses.skew_reverse_kl(lp, lq, a),
-                      losses.skew_reverse_kl(lp, lq, a, stopgrad=False),
-                      losses.generalized_jsd(lp, lq, b), losses.total_variation(lp, lq)])
+    return jnp.stack([divergences.forward_kl(lp, lq), divergences.reverse_kl(lp, lq),
+                      divergences.skew_kl(lp, lq, a), divergences.skew_reverse_kl(lp, lq, a),
+                      divergences.skew_reverse_kl(lp, lq, a, stopgrad=False),
+                      divergences.generalized_jsd(lp, lq, b), divergences.total_variation(lp, lq)])
 
 
 _logits = hnp.arrays(np.float32, (7,), elements=st.floats(-8, 8, width=32))
@@ -339,22 +340,22 @@ def test_divergences_nonnegative_and_zero_at_equality(zp, zq, a, b):
 # ------------------------------------------------------------------------------------------
 def test_errors():
     s, te, lab, alpha = make_batch(10)
-    with pytest.raises(ValueError, match="name="):
-        losses.objective("nope", s, te, lab, num_pairs=B)
+    with pytest.raises(ValueError, match="unknown objective .nope."):
+        objectives.objective("nope", s, te, lab, num_pairs=B)
     with pytest.raises(ValueError, match="vocab width"):
-        losses.objective("kd", s, te[..., :-1], lab, num_pairs=B)
+        objectives.objective("kd", s, te[..., :-1], lab, num_pairs=B)
     with pytest.raises(ValueError, match="alpha"):
-        losses.objective("distillm2", s, te, lab, num_pairs=B, alpha=np.ones(3) * 0.1)
+        objectives.objective("distillm2", s, te, lab, num_pairs=B, alpha=np.ones(3) * 0.1)
     with pytest.raises(ValueError, match="reduction="):
-        losses.objective("kd", s, te, lab, num_pairs=B, reduction="mean")
+        objectives.objective("kd", s, te, lab, num_pairs=B, reduction="mean")
     with pytest.raises(ValueError, match="normalization="):
-        losses.objective("kd", s, te, lab, num_pairs=B, normalization="x")
+        objectives.objective("kd", s, te, lab, num_pairs=B, normalization="x")
     with pytest.raises(ValueError, match="num_pairs"):
-        losses.objective("kd", s, te, lab, num_pairs=B + 1)
+        objectives.objective("kd", s, te, lab, num_pairs=B + 1)
     with pytest.raises(ValueError, match="labels"):
-        losses.objective("kd", s, te, lab[:, :-1], num_pairs=B)
+        objectives.objective("kd", s, te, lab[:, :-1], num_pairs=B)
     with pytest.raises(ValueError, match="needs the teacher"):
-        losses.objective("kd", s, None, lab, num_pairs=B)
-    val, m = losses.objective("sft", s, None, lab, num_pairs=B)  # teacher-free objectives
-    ref, _ = losses.objective("sft", s, te, lab, num_pairs=B)
+        objectives.objective("kd", s, None, lab, num_pairs=B)
+    val, m = objectives.objective("sft", s, None, lab, num_pairs=B)  # teacher-free objectives
+    ref, _ = objectives.objective("sft", s, te, lab, num_pairs=B)
     assert float(val) == pytest.approx(float(ref)) and "teacher_logp" not in m

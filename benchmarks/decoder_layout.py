@@ -1,8 +1,8 @@
 """Two layout choices of the decoder's training forward, each against its alternative.
 
-* causal query blocks (`decoder.MAX_QUERY_BLOCKS` = 8, the default) vs one [T, T] square (= 1);
-* 2-D linear layers ([B*T, H] @ W, the default) vs 3-D ([B, T, H] @ W, whose weight gradients
-  contract over two axes).
+* causal query blocks (`max_query_blocks=8`, the default) vs one [T, T] square (`=1`);
+* 2-D linear layers ([B*T, H] @ W, `flatten_linear=True`, the default) vs 3-D ([B, T, H] @ W,
+  `flatten_linear=False`, whose weight gradients contract over two axes).
 
 Times the model forward (teacher-style, no gradient) and forward+backward (student-style, a
 random cotangent on the final hidden states) of `models.forward` for the three variants,
@@ -21,7 +21,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -29,28 +28,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from train_throughput import make_batch, model_configs  # noqa: E402
 
 from distillm2_jax import models  # noqa: E402
-from distillm2_jax.models import decoder  # noqa: E402
+from distillm2_jax.models import attention, decoder  # noqa: E402
 
 
-def linear_3d(x, p, name):
-    """The earlier linear layer: x [B, T, H] @ W without flattening (no LoRA; biases kept)."""
-    y = x @ p[name].astype(x.dtype)
-    if f"{name}_bias" in p:
-        y = y + p[f"{name}_bias"].astype(x.dtype)
-    return y
-
-
-def compiled(fn, variant: str, *args):
-    """Trace and compile fn under a variant (both switches are read at trace time)."""
-    saved = decoder.MAX_QUERY_BLOCKS, decoder.linear
-    if variant == "square attention":
-        decoder.MAX_QUERY_BLOCKS = 1
-    elif variant == "3-D linear":
-        decoder.linear = linear_3d
-    try:
-        return jax.jit(fn).lower(*args).compile()
-    finally:
-        decoder.MAX_QUERY_BLOCKS, decoder.linear = saved
+# variant -> keyword arguments of `decoder.forward`
+VARIANTS = {
+    "default": {},
+    "square attention": {"max_query_blocks": 1},
+    "3-D linear": {"flatten_linear": False},
+}
 
 
 def main() -> int:
@@ -62,17 +48,18 @@ def main() -> int:
     ids, mask, _ = make_batch(2, args.seq, args.seq // 4, s_cfg["vocab_size"])
     ids, mask = jnp.asarray(ids), jnp.asarray(mask)
     print(f"command: python benchmarks/decoder_layout.py {' '.join(sys.argv[1:])}".rstrip())
-    print(f"4 rows x T={args.seq}, float32, query blocks {decoder.causal_query_blocks(args.seq)}")
+    print(f"4 rows x T={args.seq}, float32, query blocks {attention.causal_query_blocks(args.seq)}")
     for name, hf, grad in (("student forward+backward", s_cfg, True), ("teacher forward", t_cfg, False)):
         model = models.from_config(hf, seed=0, dtype=jnp.float32)
         cfg, params = model.config, model.params()
         cot = jax.random.normal(jax.random.key(1), (*ids.shape, cfg.hidden_size)) * 1e-3
 
-        def fwd(p):
-            return decoder.forward(p, cfg, ids, mask)[0]
+        def variant_fn(options):
+            def fwd(p):
+                return decoder.forward(p, cfg, ids, mask, **options)[0]
+            return jax.grad(lambda p: jnp.vdot(fwd(p), cot)) if grad else fwd
 
-        fn = jax.grad(lambda p: jnp.vdot(fwd(p), cot)) if grad else fwd
-        runs = {v: compiled(fn, v, params) for v in ("default", "square attention", "3-D linear")}
+        runs = {v: jax.jit(variant_fn(options)).lower(params).compile() for v, options in VARIANTS.items()}
         times: dict[str, list[float]] = {k: [] for k in runs}
         for f in runs.values():
             jax.block_until_ready(f(params))

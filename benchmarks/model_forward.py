@@ -34,7 +34,7 @@ def main():
     import transformers
     from transformers import AutoModelForCausalLM
 
-    from distillm2_jax import models
+    from distillm2_jax.hf import from_pretrained
 
     names = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
              "qwen3": "Qwen3Config", "gemma2": "Gemma2Config"}
@@ -46,7 +46,7 @@ def main():
     ref = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     d = Path(tempfile.mkdtemp())
     ref.save_pretrained(str(d))
-    model = models.from_pretrained(d)
+    model = from_pretrained(d)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, args.vocab, size=(args.batch, args.seq))
     mask = np.ones_like(ids)

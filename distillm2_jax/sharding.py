@@ -109,6 +109,14 @@ def put(array, logical_axes, mesh: Mesh | None, rules=None) -> jax.Array:
     return jax.make_array_from_callback(arr.shape, sharding, lambda idx: arr[idx])
 
 
+def constrain(x, logical_axes, mesh: Mesh | None, rules=None) -> jax.Array:
+    """Inside jit: x constrained to the sharding of its logical axes on `mesh` (x unchanged
+    when `mesh` is None, i.e. one device)."""
+    if mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, named_sharding(logical_axes, x.shape, mesh, rules))
+
+
 def put_global(x, sharding: NamedSharding) -> jax.Array:
     """Place a value that every process holds in full (a host array, an array on a local device,
     a PRNG key) on a sharding that may span processes: `jax.device_put` reaches only this

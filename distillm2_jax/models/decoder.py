@@ -6,8 +6,11 @@ wraps the scan body, and per-layer differences (Gemma2's alternating sliding/ful
 are scanned data, not Python branches. `Decoder` is the Flax NNX module that holds those
 parameters (with logical sharding axes as metadata) and calls `forward` under `jax.jit`.
 
-A KV cache (`KVCache`) is an optional input and output of the same forward, so prefill and
-decoding reuse the training code path exactly.
+A KV cache (`kv_cache.KVCache`) is an optional input and output of the same forward: the
+sampler's prefill and decode steps run the training forward's layer (`layer.decoder_layer`),
+only over per-layer caches. Modules: `layer` (the layer: norms, projections, MLP, attention
+around the cache or not), `attention` (masked softmax attention, causal query blocks),
+`kv_cache`, `rope`; this one holds parameters, masks, positions and the layer loops.
 
 Parameter layout (kernels are [in, out], HF stores [out, in]):
     embed [V, H]; lm_head [H, V] (untied only); final_norm [H];
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import json
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,9 +30,11 @@ from flax import nnx
 
 from distillm2_jax.models import rope
 from distillm2_jax.models.config import ModelConfig
+from distillm2_jax.models.kv_cache import KVCache
+from distillm2_jax.models.attention import MAX_QUERY_BLOCKS
+from distillm2_jax.models.layer import decoder_layer, pair_layer, rms_norm
 
 Params = dict[str, Any]
-NEG_INF = float(jnp.finfo(jnp.float32).min)
 
 REMAT_POLICIES = {
     "none": None,
@@ -110,175 +115,31 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, init_std: f
     return map_specs(make, specs)
 
 
-# ----------------------------------------------------------------------------- KV cache
+# ----------------------------------------------------------------------------- layer weights
 
-class KVCache(NamedTuple):
-    """Keys/values of every layer for `max_length` slots; `valid` marks slots holding tokens."""
-    k: jax.Array      # [L, B, S, Hkv, D]
-    v: jax.Array      # [L, B, S, Hkv, D]
-    valid: jax.Array  # [B, S] bool
-    index: jax.Array  # [] int32: next slot to write (same for all rows)
+def unstack_layers(params: Params) -> Params:
+    """params with `layers` as a tuple of L per-layer dicts (from stacked [L, ...] leaves).
 
-
-def init_cache(cfg: ModelConfig, batch: int, max_length: int, dtype=jnp.float32) -> KVCache:
-    shape = (cfg.num_layers, batch, max_length, cfg.num_kv_heads, cfg.head_dim)
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
-                   jnp.zeros((batch, max_length), bool), jnp.zeros((), jnp.int32))
-
-
-# ----------------------------------------------------------------------------- building blocks
-
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float, plus_one: bool) -> jax.Array:
-    """RMSNorm in float32; Gemma uses (1 + w) and multiplies in float32, Llama in x.dtype."""
-    xf = x.astype(jnp.float32)
-    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    if plus_one:
-        return (y * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
-    return weight.astype(x.dtype) * y.astype(x.dtype)
-
-
-LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
-
-
-def linear(x: jax.Array, p: Params, name: str) -> jax.Array:
-    """x @ p[name] (+ bias) (+ LoRA delta when p holds `{name}_lora_a/_lora_b/_lora_scale`).
-
-    LoRA dropout (inverted) applies to the LoRA branch's input when p holds a per-layer
-    `lora_dropout_key` and `lora_dropout_rate` (added for training steps only).
+    The cached forward runs its layers unrolled; per-layer arrays spare it a copy of every
+    layer's weights per call (the slices of stacked leaves), at the price of a second copy of
+    the layer weights while they are kept.
     """
-    lead = x.shape[:-1]
-    x = x.reshape(-1, x.shape[-1])  # 2-D matmuls: XLA:CPU is slower on 3-D weight gradients
-    y = x @ p[name].astype(x.dtype)
-    if f"{name}_lora_a" in p:
-        xl = x
-        if "lora_dropout_key" in p:
-            rate = p["lora_dropout_rate"].astype(jnp.float32)
-            key = jax.random.fold_in(p["lora_dropout_key"], LORA_TARGETS.index(name))
-            keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-            xl = jnp.where(keep, x / (1.0 - rate).astype(x.dtype), jnp.zeros_like(x))
-        low = xl @ p[f"{name}_lora_a"].astype(x.dtype)
-        y = y + (low @ p[f"{name}_lora_b"].astype(x.dtype)) * p[f"{name}_lora_scale"].astype(x.dtype)
-    if f"{name}_bias" in p:
-        y = y + p[f"{name}_bias"].astype(x.dtype)
-    return y.reshape(*lead, y.shape[-1])
+    layers = params["layers"]
+    if isinstance(layers, (tuple, list)):
+        return params
+    n = jax.tree.leaves(layers)[0].shape[0]
+    return {**params, "layers": tuple({k: w[i] for k, w in layers.items()} for i in range(n))}
 
 
-def _activation(cfg: ModelConfig, x: jax.Array) -> jax.Array:
-    if cfg.activation == "gelu_tanh":
-        return jax.nn.gelu(x, approximate=True)
-    return jax.nn.silu(x)
+unstack_layers_jit = jax.jit(unstack_layers)
 
 
-# Cache-free (training) attention splits the queries into at most this many causal blocks.
-MAX_QUERY_BLOCKS = 8
-MIN_QUERY_BLOCK = 64
-
-
-def causal_query_blocks(length: int) -> list[tuple[int, int]]:
-    """Static [lo, hi) query blocks of a cache-free forward of `length` tokens.
-
-    Query block [lo, hi) only needs key slots [0, hi) (later slots are masked by causality),
-    so n blocks do (n + 1) / 2n of the score/softmax/PV work of one [T, T] block (9/16 at
-    n = 8), in smaller score tiles (`benchmarks/decoder_layout.py` times it against the square).
-    """
-    n = max(1, min(MAX_QUERY_BLOCKS, length // MIN_QUERY_BLOCK))
-    size = -(-length // n)
-    return [(lo, min(length, lo + size)) for lo in range(0, length, size)]
-
-
-def _softmax_attention(cfg: ModelConfig, q, k, v, mask, dtype):
-    """Heads-first attention: q [B, Hkv, G, T, D], k/v [B, Hkv, S, D], mask [B, T, S]."""
-    scores = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) * cfg.scale
-    if cfg.attn_softcap:
-        scores = jnp.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
-    scores = jnp.where(mask[:, None, None], scores, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    return jnp.einsum("bkgts,bksd->bkgtd", probs, v)
-
-
-def _heads_first(cfg: ModelConfig, q, k, v):
-    """q [B, T, Hq, D] -> [B, Hkv, G, T, D]; k, v [B, S, Hkv, D] -> [B, Hkv, S, D]."""
-    B, T = q.shape[:2]
-    Hkv = cfg.num_kv_heads
-    qh = q.reshape(B, T, Hkv, cfg.num_heads // Hkv, cfg.head_dim).transpose(0, 2, 3, 1, 4)
-    return qh, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-
-
-def _blocked_attention(cfg: ModelConfig, q, k, v, mask, dtype, key_offset: int = 0):
-    """Causal attention of T queries in `causal_query_blocks`; returns [B, T, Hq * D].
-
-    q [B, T, Hq, D]; k, v [B, S, Hkv, D]; mask [B, T, S]. Query t sits at key slot
-    `key_offset + t` and sees no later slot, so query block [lo, hi) reads key slots
-    [0, key_offset + hi) only.
-    """
-    B, T = q.shape[:2]
-    qh, kh, vh = _heads_first(cfg, q, k, v)
-    out = jnp.concatenate(
-        [_softmax_attention(cfg, qh[:, :, :, lo:hi], kh[:, :, :key_offset + hi], vh[:, :, :key_offset + hi],
-                            mask[:, lo:hi, :key_offset + hi], dtype)
-         for lo, hi in causal_query_blocks(T)], axis=3)
-    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, cfg.num_heads * cfg.head_dim)
-
-
-def _position_qk(cfg: ModelConfig, p: Params, q, k, cos, sin):
-    """Qwen3's per-head q/k norms (when configured), then rotary embeddings."""
-    if cfg.qk_norm:
-        q = rms_norm(q, p["q_norm"], cfg.rms_norm_eps, False)
-        k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps, False)
-    return rope.apply(q, cos, sin), rope.apply(k, cos, sin)
-
-
-def attention(cfg: ModelConfig, p: Params, x: jax.Array, cos, sin, mask: jax.Array,
-              kv: tuple[jax.Array, jax.Array] | None, index: jax.Array | None):
-    """Grouped-query attention of x [B, T, H] over T new tokens (and the cached slots).
-
-    mask [B, T, S] is True where query t may attend key slot s. Returns the output and the
-    updated (k, v) cache of this layer (or None). Without a cache the queries run in causal
-    blocks (`causal_query_blocks`); a query row with no visible key (left padding) then
-    averages the values of its block's key range instead of all slots - such rows are
-    padding, and no real token attends to them.
-    """
-    B, T, _ = x.shape
-    Hq, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    q = linear(x, p, "q").reshape(B, T, Hq, D)
-    k = linear(x, p, "k").reshape(B, T, Hkv, D)
-    v = linear(x, p, "v").reshape(B, T, Hkv, D)
-    q, k = _position_qk(cfg, p, q, k, cos, sin)
-    new_kv = None
-    if kv is not None:
-        cache_k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
-        cache_v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
-        new_kv = (cache_k, cache_v)
-        k, v = cache_k.astype(x.dtype), cache_v.astype(x.dtype)
-        qh, kh, vh = _heads_first(cfg, q, k, v)
-        out = _softmax_attention(cfg, qh, kh, vh, mask, x.dtype)
-        out = out.transpose(0, 3, 1, 2, 4).reshape(B, T, Hq * D)
-    else:
-        out = _blocked_attention(cfg, q, k, v, mask, x.dtype)
-    return linear(out, p, "o"), new_kv
-
-
-def mlp(cfg: ModelConfig, p: Params, x: jax.Array) -> jax.Array:
-    return linear(_activation(cfg, linear(x, p, "gate")) * linear(x, p, "up"), p, "down")
-
-
-def _residual_layer(cfg: ModelConfig, p: Params, x, attend):
-    """One pre-norm decoder layer around `attend(normed x) -> (output, extra)` (with Gemma2's
-    extra post-norms when configured); returns (x, extra)."""
-    eps, plus_one = cfg.rms_norm_eps, cfg.norm_plus_one
-    h, extra = attend(rms_norm(x, p["attn_norm"], eps, plus_one))
-    if cfg.sandwich_norm:
-        h = rms_norm(h, p["post_attn_norm"], eps, plus_one)
-    x = x + h
-    h = mlp(cfg, p, rms_norm(x, p["mlp_norm"], eps, plus_one))
-    if cfg.sandwich_norm:
-        h = rms_norm(h, p["post_mlp_norm"], eps, plus_one)
-    return x + h, extra
-
-
-def block(cfg: ModelConfig, p: Params, x, cos, sin, mask, kv, index):
-    """One decoder layer over x [B, T, H] (and this layer's cache); returns (x, new kv)."""
-    return _residual_layer(cfg, p, x, lambda h: attention(cfg, p, h, cos, sin, mask, kv, index))
+def layer_params(params: Params, i: int) -> Params:
+    """Layer i's weights from stacked or `unstack_layers`-ed params."""
+    layers = params["layers"]
+    if isinstance(layers, (tuple, list)):
+        return layers[i]
+    return {k: w[i] for k, w in layers.items()}
 
 
 # ----------------------------------------------------------------------------- forward
@@ -308,12 +169,18 @@ def positions_from_mask(attention_mask: jax.Array, offset: jax.Array | None = No
 
 def forward(params: Params, cfg: ModelConfig, input_ids: jax.Array,
             attention_mask: jax.Array | None = None, *, positions: jax.Array | None = None,
-            cache: KVCache | None = None, compute_dtype=None, remat: str = "none"):
+            cache: KVCache | None = None, compute_dtype=None, remat: str = "none",
+            max_query_blocks: int = MAX_QUERY_BLOCKS, flatten_linear: bool = True):
     """Final-norm hidden states [B, T, H] (and the updated cache, or None).
 
-    Without a cache, key slots are the T input positions; with one, the T new tokens are
-    written at slots [cache.index, cache.index + T) and attend to every valid earlier slot.
+    Without a cache, key slots are the T input positions and the stacked layers run under one
+    `lax.scan` (with `remat`). With one (`init_cache`), the T new tokens are written at slots
+    [cache.index, cache.index + T) and attend to every valid earlier slot; the layers then run
+    unrolled over per-layer weights and caches (params stacked or `unstack_layers`-ed), which
+    is what makes decoding fast on XLA:CPU (see `kv_cache`). Both run `layer.decoder_layer`.
     Causality and sliding windows are measured in slots, as HF's masks do.
+
+    `max_query_blocks` and `flatten_linear` change speed, not results (`layer`).
     """
     B, T = input_ids.shape
     cdt = jnp.dtype(compute_dtype or params["embed"].dtype)
@@ -325,64 +192,43 @@ def forward(params: Params, cfg: ModelConfig, input_ids: jax.Array,
             positions = positions_from_mask(attention_mask)
         key_valid = attention_mask
         q_slot = jnp.arange(T)
-        kv, index = None, None
     else:
         if positions is None:
             positions = positions_from_mask(attention_mask, cache.valid.sum(-1).astype(jnp.int32))
         key_valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask, (0, cache.index))
         q_slot = cache.index + jnp.arange(T)
-        kv, index = (cache.k, cache.v), cache.index
     k_slot = jnp.arange(key_valid.shape[1])
     distance = q_slot[:, None] - k_slot[None, :]                  # [T, S]
     base_mask = key_valid[:, None, :] & (distance >= 0)[None]     # [B, T, S]
 
     x = _embed(params, cfg, input_ids, cdt)
     cos, sin = rope.cos_sin(cfg, positions)
-    windows = jnp.asarray(cfg.layer_windows, jnp.int32)
+    tuning = dict(max_query_blocks=max_query_blocks, flatten_linear=flatten_linear)
 
-    def body(x, xs):
-        p, window, layer_kv = xs
-        in_window = (window == 0) | (distance < window)
-        x, new_kv = block(cfg, p, x, cos, sin, base_mask & in_window[None], layer_kv, index)
-        return x, new_kv
-
-    x, new_kv = jax.lax.scan(_with_remat(body, remat), x, (params["layers"], windows, kv))
-    hidden = rms_norm(x, params["final_norm"], cfg.rms_norm_eps, cfg.norm_plus_one)
     if cache is None:
-        return hidden, None
-    new_cache = KVCache(new_kv[0], new_kv[1], key_valid, cache.index + T)
-    return hidden, new_cache
+        def body(x, xs):
+            p, window = xs
+            in_window = (window == 0) | (distance < window)
+            return decoder_layer(cfg, p, x, cos, sin, base_mask & in_window[None], **tuning)
 
+        windows = jnp.asarray(cfg.layer_windows, jnp.int32)
+        x, _ = jax.lax.scan(_with_remat(body, remat), x, (params["layers"], windows))
+        return rms_norm(x, params["final_norm"], cfg.rms_norm_eps, cfg.norm_plus_one), None
 
-def _pair_attention(cfg: ModelConfig, p: Params, x: jax.Array, prompt_len: int, ropes, masks):
-    """Attention of `forward_pairs`' packed pairs: x [B, P + 2R, H] -> same shape.
-
-    The prompts attend causally among themselves; each response attends to its pair's prompt
-    keys (the same keys serve both responses) and causally to its own keys, never to the other
-    response of its pair.
-    """
-    B, S, _ = x.shape
-    P, R = prompt_len, (S - prompt_len) // 2
-    Hq, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-
-    def heads(name, n):
-        y = linear(x, p, name).reshape(B, S, n, D)   # one matmul over prompt and response tokens
-        return y[:, :P], y[:, P:].reshape(2 * B, R, n, D)
-
-    (qp, qr), (kp, kr), (vp, vr) = heads("q", Hq), heads("k", Hkv), heads("v", Hkv)
-    qp, kp = _position_qk(cfg, p, qp, kp, *ropes[0])
-    qr, kr = _position_qk(cfg, p, qr, kr, *ropes[1])
-    out_p = _blocked_attention(cfg, qp, kp, vp, masks[0], x.dtype)
-    k_all = jnp.concatenate([jnp.repeat(kp, 2, axis=0), kr], axis=1)  # [2B, P + R, Hkv, D]
-    v_all = jnp.concatenate([jnp.repeat(vp, 2, axis=0), vr], axis=1)
-    out_r = _blocked_attention(cfg, qr, k_all, v_all, masks[1], x.dtype, key_offset=P)
-    out = jnp.concatenate([out_p, out_r.reshape(B, 2 * R, Hq * D)], axis=1)
-    return linear(out, p, "o"), None
+    ks, vs = list(cache.k), list(cache.v)
+    for i in range(cfg.num_layers):
+        window = cfg.layer_windows[i] if cfg.layer_windows else 0
+        mask = base_mask if not window else base_mask & (distance < window)[None]
+        x, (ks[i], vs[i]) = decoder_layer(cfg, layer_params(params, i), x, cos, sin, mask,
+                                          (ks[i], vs[i]), cache.index, **tuning)
+    hidden = rms_norm(x, params["final_norm"], cfg.rms_norm_eps, cfg.norm_plus_one)
+    return hidden, KVCache(tuple(ks), tuple(vs), key_valid, cache.index + T)
 
 
 def forward_pairs(params: Params, cfg: ModelConfig, prompt_ids: jax.Array, prompt_mask: jax.Array,
                   response_ids: jax.Array, response_mask: jax.Array, *, compute_dtype=None,
-                  remat: str = "none"):
+                  remat: str = "none", max_query_blocks: int = MAX_QUERY_BLOCKS,
+                  flatten_linear: bool = True):
     """Final-norm hidden states of B prompts and their 2B responses, each prompt run once.
 
     prompt_ids/prompt_mask [B, P] are LEFT-padded; response_ids/response_mask [2B, R] are
@@ -420,8 +266,8 @@ def forward_pairs(params: Params, cfg: ModelConfig, prompt_ids: jax.Array, promp
         p, window = xs
         win = lambda d: (window == 0) | (d < window)  # noqa: E731
         masks = (mask_p & win(dist_p)[None], mask_r & win(dist_r)[None])
-        x, _ = _residual_layer(cfg, p, x, lambda h: _pair_attention(cfg, p, h, P, ropes, masks))
-        return x, None
+        return pair_layer(cfg, p, x, P, ropes, masks, max_query_blocks=max_query_blocks,
+                          flatten_linear=flatten_linear), None
 
     x, _ = jax.lax.scan(_with_remat(body, remat), x, (params["layers"], windows))
     hidden = rms_norm(x, params["final_norm"], cfg.rms_norm_eps, cfg.norm_plus_one)

@@ -1,6 +1,6 @@
 """LoRA adapters as extra leaves of the stacked decoder parameters.
 
-`decoder.linear(x, p, name)` adds `(x @ A) @ B * scale` when the layer params hold
+`layer.linear(x, p, name)` adds `(x @ A) @ B * scale` when the layer params hold
 `{name}_lora_a` [L, in, r], `{name}_lora_b` [L, r, out] and `{name}_lora_scale` [L]
 (stacked over layers like every other leaf of `params["layers"]`, so the layer scan slices
 them). This module adds, selects, merges and removes those leaves:
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from distillm2_jax.models.config import ModelConfig
-from distillm2_jax.models.decoder import LORA_TARGETS
+from distillm2_jax.models.layer import LORA_TARGETS
 from distillm2_jax.models.decoder import param_specs as base_param_specs
 
 Params = dict[str, Any]
@@ -171,7 +171,7 @@ def merge(params: Params) -> Params:
     """W <- W + A @ B * scale (float32, cast back to W's dtype); every LoRA/dropout leaf removed.
 
     Pure and jittable. The result is a plain decoder params dict (`Decoder(cfg, merged)` and
-    `models.save_pretrained` write an ordinary HF checkpoint).
+    `hf.save.save_pretrained` write an ordinary HF checkpoint).
     """
     layers = dict(params["layers"])
     for name in LORA_TARGETS:
@@ -191,7 +191,7 @@ def merge(params: Params) -> Params:
 def with_dropout(params: Params, key: jax.Array, rate) -> Params:
     """Params for one training step with LoRA dropout: per-layer keys and rates added.
 
-    Adds `layers/lora_dropout_key` (typed PRNG keys [L], one per layer; `decoder.linear`
+    Adds `layers/lora_dropout_key` (typed PRNG keys [L], one per layer; `layer.linear`
     folds in the target's index) and `layers/lora_dropout_rate` ([L] float32). Returns
     `params` unchanged when `rate` is a Python 0 or the params hold no LoRA leaves. Call it
     inside the jitted step with a fresh key per step (and per micro-batch).

@@ -13,17 +13,15 @@ cache included) is donated, so XLA updates it in place, and calling it again con
 it stopped. The host only looks at the state between `decode` calls (progress bar, early
 exit); nothing inside a call returns to Python.
 
-The forward (`forward_cached`) is `models.decoder.forward` with a cache, assembled from the
-decoder's own pieces (`linear`, `rms_norm`, `mlp`, rope, the same masks and positions) but
-with the layers unrolled over per-layer weights and a per-layer cache laid out [B, Hkv, S, D].
-On XLA:CPU the training layout costs, per generated token, a transpose copy of every layer's
-cached keys and values and a copy of every layer's weights (the scan's / loop's slices); this
-layout has neither (5x the tokens/s of the scan-based forward in benchmarks/). Tests check it
-against the training forward's logits at every step and against HF `generate`.
+The forward is the model's own: `models.decoder.forward(..., cache=...)` with a
+`models.kv_cache.KVCache`, i.e. the training forward's layer (`models.layer.decoder_layer`)
+unrolled over per-layer weights and per-layer caches laid out [B, Hkv, S, D] (why: see
+`models.kv_cache`). Tests check it against the cache-free forward's logits at every step and
+against HF `generate`.
 
-Weights: `unstack_layers` splits the stacked [L, ...] layer weights into L per-layer arrays
-once (an extra copy of the layer weights while generating). Stacked params work too (the
-layers are then sliced inside the loop: less memory, slower).
+Weights: `unstack_layers` (from `models.decoder`) splits the stacked [L, ...] layer weights
+into L per-layer arrays once (an extra copy of the layer weights while generating). Stacked
+params work too (the layers are then sliced inside the loop: less memory, slower).
 
 Rows: a row is done after emitting any id of `stop_ids` (that token is kept as its last new
 token) or after N new tokens; later slots hold `pad_id`. Dummy rows (`real=False`) that pad a
@@ -44,16 +42,9 @@ import jax
 import jax.numpy as jnp
 
 from distillm2_jax import sharding as shd
-from distillm2_jax.models import rope
 from distillm2_jax.models.config import ModelConfig
-from distillm2_jax.models.decoder import (
-    NEG_INF,
-    linear,
-    logits_from_hidden,
-    mlp,
-    positions_from_mask,
-    rms_norm,
-)
+from distillm2_jax.models.decoder import forward, logits_from_hidden, unstack_layers_jit
+from distillm2_jax.models.kv_cache import KVCache, init_cache
 from distillm2_jax.sampling.filters import categorical, filter_logits
 
 
@@ -88,25 +79,8 @@ class SamplingConfig:
 GREEDY = SamplingConfig(temperature=0.0)
 
 
-class DecodeCache(NamedTuple):
-    """The sampler's KV cache: one buffer per layer, laid out for the attention dots.
-
-    (`models.KVCache` stacks layers as [L, B, S, Hkv, D] for the layer scan.) Each layer owns
-    k, v of shape [B, Hkv, S, D], updated in place inside the while loop and read by the dots
-    without a transpose.
-    """
-
-    k: tuple[jax.Array, ...]  # L x [B, Hkv, S, D]
-    v: tuple[jax.Array, ...]  # L x [B, Hkv, S, D]
-    valid: jax.Array          # [B, S] bool
-    index: jax.Array          # [] int32: next slot to write
-
-
-CACHE_AXES = ("batch", "kv_heads", "length", "head_dim")
-
-
 class DecodeState(NamedTuple):
-    cache: DecodeCache
+    cache: KVCache
     tokens: jax.Array    # [B, N] int32 new tokens, pad_id after a row is done
     last: jax.Array      # [B] int32 the token fed at the next step
     done: jax.Array      # [B] bool
@@ -115,100 +89,6 @@ class DecodeState(NamedTuple):
     step: jax.Array      # [] int32 new tokens drawn so far (the same for every row)
     row_keys: jax.Array  # [B] typed PRNG keys
     logits: jax.Array    # [B, N, V] float32 raw step logits (record_logits) or [B, 0, 0]
-
-
-def _decode_attention(cfg: ModelConfig, p, x, cos, sin, mask, k_cache, v_cache, index):
-    """`decoder.attention` for new tokens x [B, T, H] against a [B, Hkv, S, D] cache."""
-    B, T, _ = x.shape
-    Hq, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    q = linear(x, p, "q").reshape(B, T, Hq, D)
-    k = linear(x, p, "k").reshape(B, T, Hkv, D)
-    v = linear(x, p, "v").reshape(B, T, Hkv, D)
-    if cfg.qk_norm:
-        q = rms_norm(q, p["q_norm"], cfg.rms_norm_eps, False)
-        k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps, False)
-    q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
-    k_cache = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype),
-                                           (0, 0, index, 0))
-    v_cache = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype),
-                                           (0, 0, index, 0))
-    q = q.reshape(B, T, Hkv, Hq // Hkv, D)
-    scores = jnp.einsum("btkgd,bksd->bkgts", q, k_cache.astype(x.dtype),
-                        preferred_element_type=jnp.float32) * cfg.scale
-    if cfg.attn_softcap:
-        scores = jnp.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
-    scores = jnp.where(mask[:, None, None], scores, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-    out = jnp.einsum("bkgts,bksd->btkgd", probs, v_cache.astype(x.dtype)).reshape(B, T, Hq * D)
-    return linear(out, p, "o"), k_cache, v_cache
-
-
-def init_decode_cache(cfg: ModelConfig, batch: int, max_length: int, dtype=jnp.float32,
-                      mesh=None) -> DecodeCache:
-    """An empty cache of `max_length` slots (batch and kv heads sharded on `mesh`)."""
-    shape = (batch, cfg.num_kv_heads, max_length, cfg.head_dim)
-    zeros = lambda: _constrain(jnp.zeros(shape, dtype), CACHE_AXES, mesh)  # noqa: E731
-    return DecodeCache(tuple(zeros() for _ in range(cfg.num_layers)),
-                       tuple(zeros() for _ in range(cfg.num_layers)),
-                       _constrain(jnp.zeros((batch, max_length), bool), ("batch", "length"), mesh),
-                       jnp.zeros((), jnp.int32))
-
-
-def unstack_layers(params):
-    """params with `layers` as a tuple of L per-layer dicts (from stacked [L, ...] leaves)."""
-    layers = params["layers"]
-    if isinstance(layers, (tuple, list)):
-        return params
-    n = jax.tree.leaves(layers)[0].shape[0]
-    return {**params, "layers": tuple({k: w[i] for k, w in layers.items()} for i in range(n))}
-
-
-unstack_layers_jit = jax.jit(unstack_layers)
-
-
-def _layer(params, i: int):
-    layers = params["layers"]
-    if isinstance(layers, (tuple, list)):
-        return layers[i]
-    return {k: w[i] for k, w in layers.items()}
-
-
-def forward_cached(params, cfg: ModelConfig, input_ids: jax.Array, attention_mask: jax.Array,
-                   cache: DecodeCache, compute_dtype=None) -> tuple[jax.Array, DecodeCache]:
-    """`decoder.forward(..., cache=...)` on the per-layer `DecodeCache`: hidden [B, T, H], cache.
-
-    The T new tokens (mask 1 = token, 0 = padding) go to slots [index, index + T) and attend
-    to every valid earlier slot; positions count valid slots, as in the training forward.
-    `params["layers"]` may be stacked (a dict of [L, ...]) or unstacked (`unstack_layers`).
-    """
-    B, T = input_ids.shape
-    cdt = jnp.dtype(compute_dtype or params["embed"].dtype)
-    attention_mask = attention_mask.astype(bool)
-    positions = positions_from_mask(attention_mask, cache.valid.sum(-1).astype(jnp.int32))
-    key_valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask, (0, cache.index))
-    distance = (cache.index + jnp.arange(T))[:, None] - jnp.arange(key_valid.shape[1])[None, :]
-    base_mask = key_valid[:, None, :] & (distance >= 0)[None]     # [B, T, S]
-    x = jnp.take(params["embed"], input_ids, axis=0).astype(cdt)
-    if cfg.embed_scale:
-        x = x * jnp.asarray(cfg.hidden_size ** 0.5, dtype=cdt)
-    cos, sin = rope.cos_sin(cfg, positions)
-    eps, plus_one = cfg.rms_norm_eps, cfg.norm_plus_one
-    ks, vs = list(cache.k), list(cache.v)
-    for i in range(cfg.num_layers):
-        p = _layer(params, i)
-        window = cfg.layer_windows[i] if cfg.layer_windows else 0
-        mask = base_mask if not window else base_mask & (distance < window)[None]
-        h, ks[i], vs[i] = _decode_attention(cfg, p, rms_norm(x, p["attn_norm"], eps, plus_one),
-                                            cos, sin, mask, ks[i], vs[i], cache.index)
-        if cfg.sandwich_norm:
-            h = rms_norm(h, p["post_attn_norm"], eps, plus_one)
-        x = x + h
-        h = mlp(cfg, p, rms_norm(x, p["mlp_norm"], eps, plus_one))
-        if cfg.sandwich_norm:
-            h = rms_norm(h, p["post_mlp_norm"], eps, plus_one)
-        x = x + h
-    hidden = rms_norm(x, params["final_norm"], eps, plus_one)
-    return hidden, DecodeCache(tuple(ks), tuple(vs), key_valid, cache.index + T)
 
 
 def sample_logits(logits: jax.Array, row_keys: jax.Array, step, *, temperature=1.0, top_k: int = 0,
@@ -237,12 +117,6 @@ def row_keys_from_ids(key: jax.Array, row_ids: jax.Array) -> jax.Array:
     return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, row_ids)
 
 
-def _constrain(x, axes, mesh):
-    if mesh is None:
-        return x
-    return jax.lax.with_sharding_constraint(x, shd.named_sharding(axes, x.shape, mesh))
-
-
 def _advance(state: DecodeState, logits: jax.Array, stop_ids: jax.Array, *,
              sampling: SamplingConfig, pad_id: int) -> DecodeState:
     """Draw step `state.step`'s tokens from logits [B, V] and update the row bookkeeping."""
@@ -267,13 +141,13 @@ def _prefill(params, cfg: ModelConfig, ids, mask, key, row_ids, real, stop_ids, 
     B, P = ids.shape
     N = max_new_tokens
     cdt = jnp.dtype(compute_dtype or params["embed"].dtype)
-    cache = init_decode_cache(cfg, B, P + N, cdt, mesh)
-    hidden, cache = forward_cached(params, cfg, ids, mask, cache, cdt)
+    cache = init_cache(cfg, B, P + N, cdt, mesh)
+    hidden, cache = forward(params, cfg, ids, mask, cache=cache, compute_dtype=cdt)
     logits = logits_from_hidden(params, cfg, hidden[:, -1])
     V = logits.shape[-1]
     state = DecodeState(
         cache=cache,
-        tokens=_constrain(jnp.full((B, N), pad_id, jnp.int32), ("batch", "length"), mesh),
+        tokens=shd.constrain(jnp.full((B, N), pad_id, jnp.int32), ("batch", "length"), mesh),
         last=jnp.full((B,), pad_id, jnp.int32),
         done=~real.astype(bool),
         stopped=jnp.zeros((B,), bool),
@@ -294,7 +168,7 @@ def _decode(params, cfg: ModelConfig, state: DecodeState, stop_ids, limit, *,
         return (s.step < limit) & ~jnp.all(s.done)
 
     def body(s: DecodeState):
-        hidden, cache = forward_cached(params, cfg, s.last[:, None], ones, s.cache, compute_dtype)
+        hidden, cache = forward(params, cfg, s.last[:, None], ones, cache=s.cache, compute_dtype=compute_dtype)
         logits = logits_from_hidden(params, cfg, hidden[:, 0])
         return _advance(s._replace(cache=cache), logits, stop_ids, sampling=sampling, pad_id=pad_id)
 

@@ -6,7 +6,8 @@ import pytest
 
 from distillm2_jax import models
 from distillm2_jax import sharding as shd
-from distillm2_jax.models import decoder
+from distillm2_jax.hf import from_pretrained, save_pretrained
+from distillm2_jax.models import attention, decoder
 from tests.tiny_models import FAMILIES, hf_config, padded_batch
 
 
@@ -16,55 +17,65 @@ def model(request):
 
 
 def test_kv_cache_decoding_equals_full_forward(model):
-    """Prefill a left-padded prompt, then decode token by token: logits equal the full pass."""
+    """Prefill a left-padded prompt, then decode token by token: logits equal the full pass,
+    with stacked and with per-layer (`unstack_layers`) weights."""
     cfg, params = model.config, model.params()
     ids, mask = padded_batch(seed=4, lengths=(9, 5), total=14, left=True)
     prompt_len = 9
     full = np.asarray(model(ids, attention_mask=mask))
-    cache = models.init_cache(cfg, batch=2, max_length=16)
     step = jax.jit(lambda p, i, m, c: decoder.forward(p, cfg, i, m, cache=c), donate_argnums=3)
-    hidden, cache = step(params, ids[:, :prompt_len], mask[:, :prompt_len], cache)
-    got = [models.logits_from_hidden(params, cfg, hidden)]
-    for t in range(prompt_len, ids.shape[1]):
-        hidden, cache = step(params, ids[:, t:t + 1], mask[:, t:t + 1], cache)
-        got.append(models.logits_from_hidden(params, cfg, hidden))
-    got = np.concatenate([np.asarray(g) for g in got], axis=1)
-    valid = mask.astype(bool)
-    np.testing.assert_allclose(got[valid], full[valid], atol=2e-5, rtol=1e-5)
-    assert int(cache.index) == ids.shape[1]
+    for weights in (params, decoder.unstack_layers(params)):
+        cache = models.init_cache(cfg, batch=2, max_length=16)
+        hidden, cache = step(weights, ids[:, :prompt_len], mask[:, :prompt_len], cache)
+        got = [models.logits_from_hidden(params, cfg, hidden)]
+        for t in range(prompt_len, ids.shape[1]):
+            hidden, cache = step(weights, ids[:, t:t + 1], mask[:, t:t + 1], cache)
+            got.append(models.logits_from_hidden(params, cfg, hidden))
+        got = np.concatenate([np.asarray(g) for g in got], axis=1)
+        valid = mask.astype(bool)
+        np.testing.assert_allclose(got[valid], full[valid], atol=2e-5, rtol=1e-5)
+        assert int(cache.index) == ids.shape[1]
+        assert len(cache.k) == cfg.num_layers and cache.k[0].shape == (2, cfg.num_kv_heads, 16, cfg.head_dim)
 
 
 @pytest.mark.parametrize("length", [1, 63, 64, 200, 512, 1000])
 def test_causal_query_blocks_tile_the_sequence(length):
-    blocks = decoder.causal_query_blocks(length)
+    blocks = attention.causal_query_blocks(length)
     assert blocks[0][0] == 0 and blocks[-1][1] == length
     assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:])), blocks
-    assert 1 <= len(blocks) <= decoder.MAX_QUERY_BLOCKS
-    assert len(blocks) == 1 or min(hi - lo for lo, hi in blocks) >= decoder.MIN_QUERY_BLOCK // 2
+    assert 1 <= len(blocks) <= attention.MAX_QUERY_BLOCKS
+    assert len(blocks) == 1 or min(hi - lo for lo, hi in blocks) >= attention.MIN_QUERY_BLOCK // 2
 
 
-def test_query_blocks_equal_one_block_in_values_and_gradients(model, monkeypatch):
+def test_query_blocks_equal_one_block_in_values_and_gradients(model):
     """Blocked causal attention = the full [T, T] square at every real position, and in grads."""
     cfg, params = model.config, model.params()
     ids, mask = padded_batch(seed=6, lengths=(150, 97), total=160, left=False)
     weight = jnp.asarray(mask, jnp.float32)[..., None]
 
-    def run():
+    def run(max_query_blocks):
         def loss(p):
-            h, _ = decoder.forward(p, cfg, ids, mask)
+            h, _ = decoder.forward(p, cfg, ids, mask, max_query_blocks=max_query_blocks)
             return jnp.sum(models.logits_from_hidden(p, cfg, h) ** 2 * weight), h
         (val, h), grad = jax.value_and_grad(loss, has_aux=True)(params)
         return val, np.asarray(h)[mask.astype(bool)], grad
 
-    assert len(decoder.causal_query_blocks(160)) == 2
-    blocked = run()
-    monkeypatch.setattr(decoder, "MAX_QUERY_BLOCKS", 1)
-    assert len(decoder.causal_query_blocks(160)) == 1
-    square = run()
+    assert len(attention.causal_query_blocks(160)) == 2
+    assert len(attention.causal_query_blocks(160, max_blocks=1)) == 1
+    blocked, square = run(attention.MAX_QUERY_BLOCKS), run(1)
     np.testing.assert_allclose(blocked[0], square[0], rtol=1e-5)
     np.testing.assert_allclose(blocked[1], square[1], atol=1e-5, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(blocked[2]), jax.tree.leaves(square[2])):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * float(np.abs(b).max()))
+
+
+def test_3d_linear_layers_equal_2d(model):
+    """`flatten_linear=False` (the benchmark's alternative) gives the same hidden states."""
+    cfg, params = model.config, model.params()
+    ids, mask = padded_batch(seed=8)
+    flat = np.asarray(decoder.forward(params, cfg, ids, mask)[0])
+    three_d = np.asarray(decoder.forward(params, cfg, ids, mask, flatten_linear=False)[0])
+    np.testing.assert_allclose(three_d, flat, atol=1e-5, rtol=1e-5)
 
 
 def test_remat_keeps_values_and_gradients():
@@ -91,10 +102,10 @@ def test_remat_keeps_values_and_gradients():
 def test_bfloat16_params_and_compute(tmp_path):
     cfg = hf_config("qwen2", initializer_range=0.2)
     m32 = models.from_config(cfg, seed=1)
-    path = models.save_pretrained(m32, tmp_path / "m")
-    m16 = models.from_pretrained(path, dtype=jnp.bfloat16)
+    path = save_pretrained(m32, tmp_path / "m")
+    m16 = from_pretrained(path, dtype=jnp.bfloat16)
     assert m16.layers["q"][...].dtype == jnp.bfloat16
-    mixed = models.from_pretrained(path, dtype=jnp.float32, compute_dtype=jnp.bfloat16)
+    mixed = from_pretrained(path, dtype=jnp.float32, compute_dtype=jnp.bfloat16)
     ids, mask = padded_batch(seed=6)
     ref = np.asarray(m32(ids, attention_mask=mask))
     for m in (m16, mixed):

@@ -9,7 +9,9 @@ import pytest
 
 from distillm2_jax import models
 from distillm2_jax import sharding as shd
-from distillm2_jax.models import decoder, lora
+from distillm2_jax.hf.load import from_pretrained
+from distillm2_jax.hf.save import save_pretrained
+from distillm2_jax.models import decoder, layer, lora
 from tests.tiny_models import hf_config, padded_batch
 
 RANK, ALPHA = 4, 8.0
@@ -105,8 +107,8 @@ def test_merge_equals_the_adapted_forward(model, adapted):
 def test_merged_params_export_and_reload(model, adapted, tmp_path):
     cfg = model.config
     merged = lora.merge(adapted)
-    out = models.save_pretrained(models.Decoder(cfg, merged, hf_config=model.hf_config), tmp_path / "m")
-    reloaded = models.from_pretrained(out)
+    out = save_pretrained(models.Decoder(cfg, merged, hf_config=model.hf_config), tmp_path / "m")
+    reloaded = from_pretrained(out)
     assert reloaded.config == cfg
     ids, mask = padded_batch(seed=3)
     np.testing.assert_allclose(logits(reloaded.params(), cfg, ids, mask), logits(adapted, cfg, ids, mask),
@@ -160,8 +162,8 @@ def test_with_dropout_entries_and_effect(model, zero_b, adapted):
         lora.with_dropout(adapted, jax.random.key(0), 1.0)
     assert "lora_dropout_key" not in lora.merge(step)["layers"]
     assert not lora.trainable_mask(step)["layers"]["lora_dropout_rate"]
-    if "lora_dropout_key" not in decoder.linear.__code__.co_consts:
-        return  # decoder.linear does not apply dropout yet: entries only
+    if "lora_dropout_key" not in layer.linear.__code__.co_consts:
+        return  # layer.linear does not apply dropout yet: entries only
     ids, mask = padded_batch(seed=5)
     ref = np.asarray(logits(adapted, cfg, ids, mask))
     a = np.asarray(logits(step, cfg, ids, mask))

@@ -3,8 +3,8 @@ import numpy as np
 import jax.numpy as jnp
 import pytest
 
-from distillm2_jax import models
 from distillm2_jax import sharding as shd
+from distillm2_jax.hf import from_pretrained, save_pretrained
 from tests.tiny_models import FAMILIES, build_hf_model, padded_batch, torch_logits
 
 TOL = 1e-4
@@ -24,7 +24,7 @@ def _max_err(ours, ref, mask):
 @pytest.mark.parametrize("left", [True, False], ids=["left_pad", "right_pad"])
 def test_import_matches_torch(family_dir, left):
     family, d, torch_model = family_dir
-    model = models.from_pretrained(d, dtype=jnp.float32)
+    model = from_pretrained(d, dtype=jnp.float32)
     ids, mask = padded_batch(seed=1, left=left)
     ref = torch_logits(torch_model, ids, mask)
     assert np.abs(ref[mask.astype(bool)]).std() > 0.5, "logits too small for a meaningful check"
@@ -34,11 +34,11 @@ def test_import_matches_torch(family_dir, left):
 @pytest.mark.parametrize("left", [True, False], ids=["left_pad", "right_pad"])
 def test_long_rows_in_causal_query_blocks_match_torch(family_dir, left):
     """T = 200 runs the training attention in 3 causal query blocks (windows, soft-caps, padding)."""
-    from distillm2_jax.models import decoder
+    from distillm2_jax.models import attention
 
     family, d, torch_model = family_dir
-    assert len(decoder.causal_query_blocks(200)) == 3
-    model = models.from_pretrained(d, dtype=jnp.float32)
+    assert len(attention.causal_query_blocks(200)) == 3
+    model = from_pretrained(d, dtype=jnp.float32)
     ids, mask = padded_batch(seed=4, lengths=(190, 131), total=200, left=left)
     ref = torch_logits(torch_model, ids, mask)
     assert _max_err(model(ids, attention_mask=mask), ref, mask) <= TOL
@@ -49,8 +49,8 @@ def test_export_reloads_in_transformers(family_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     family, d, torch_model = family_dir
-    model = models.from_pretrained(d, dtype=jnp.float32)
-    out = models.save_pretrained(model, tmp_path / "export")
+    model = from_pretrained(d, dtype=jnp.float32)
+    out = save_pretrained(model, tmp_path / "export")
     assert (out / "config.json").is_file() and (out / "generation_config.json").is_file()
     reloaded = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     ids, mask = padded_batch(seed=2)
@@ -66,7 +66,7 @@ def test_export_reloads_in_transformers(family_dir, tmp_path):
 def test_import_on_2x4_mesh_matches(family_dir):
     family, d, torch_model = family_dir
     mesh = shd.make_mesh((1, 2, 4))
-    model = models.from_pretrained(d, dtype=jnp.float32, mesh=mesh)
+    model = from_pretrained(d, dtype=jnp.float32, mesh=mesh)
     q = model.layers["q"][...]
     assert q.sharding.spec == shd.logical_to_spec(("layers", "embed", "heads"), q.shape, mesh)
     assert q.addressable_shards[0].data.size == q.size // 8, "q kernel should be split over 8 devices"

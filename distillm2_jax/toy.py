@@ -102,6 +102,7 @@ TOY_WORDS = ("red", "blue", "green", "cat", "dog", "bird", "one", "two", "three"
 def build_toy_models(root: str | os.PathLike, *, seed: int = 0) -> dict[str, Path]:
     """Tokenizer, a 2-layer teacher (hidden 64) and a 2-layer student (hidden 32) under `root`."""
     from distillm2_jax import models
+    from distillm2_jax.hf import save_pretrained
 
     root = Path(root)
     tok = build_tiny_tokenizer(root / "tokenizer")
@@ -115,8 +116,8 @@ def build_toy_models(root: str | os.PathLike, *, seed: int = 0) -> dict[str, Pat
     student = models.from_config(dict(common, hidden_size=32, intermediate_size=64, tie_word_embeddings=True),
                                  seed=seed + 1)
     out = {"tokenizer": root / "tokenizer", "teacher": root / "teacher", "student": root / "student"}
-    models.save_pretrained(teacher, out["teacher"], tokenizer=tok)
-    models.save_pretrained(student, out["student"], tokenizer=tok)
+    save_pretrained(teacher, out["teacher"], tokenizer=tok)
+    save_pretrained(student, out["student"], tokenizer=tok)
     return out
 
 

@@ -14,7 +14,7 @@ Metrics of a student on the held-out prompts (`measure`):
 * exact match (greedy), NLL of the teacher's sampled responses and the acceptance rate as the
   teacher's speculative-decoding draft: `demo.run.evaluate_model`;
 * NLL of its *own* responses (`own_nll`): the student samples one response per held-out prompt
-  with the paper's sampling (temperature 0.8, top-p 0.95, `generate.generate_file`), the
+  with the paper's sampling (temperature 0.8, top-p 0.95, `generation.generate_file`), the
   responses become a pair file (chosen = its own response, `data.pairs.build_pairs`), and
   `evaluate.nll` scores them under the same student (temperature 1). Low means the student is
   confident in what it says itself; every student of a seed samples with the same seed.
@@ -31,11 +31,12 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from distillm2_jax import api, evaluate, models, objectives
+from distillm2_jax import api, evaluate, objectives
 from distillm2_jax.data.pairs import build_pairs
 from distillm2_jax.demo import assets, run, task
 from distillm2_jax.errors import UserError
-from distillm2_jax.generate import generate_file, meta_path
+from distillm2_jax.generation import generate_file, meta_path
+from distillm2_jax.hf import from_pretrained
 from distillm2_jax.train.loop import TrainingDiverged
 
 # Own-response sampling seed = settings.seed + 1000: apart from the streams demo.run draws from
@@ -164,7 +165,7 @@ class Start:
 
     def student(self):
         """The warmed-up student every method starts from."""
-        return models.from_pretrained(self.student_dir)
+        return from_pretrained(self.student_dir)
 
 
 def prepare_start(root: Path, settings: run.DemoSettings, heldout: list, heldout_file: Path) -> Start:
@@ -175,7 +176,7 @@ def prepare_start(root: Path, settings: run.DemoSettings, heldout: list, heldout
     files = run.write_data(root, settings)
     run.warm_up_student(root, files["sft"], tokenizer, settings, progress=False)
     timings = clock.lap("warm_up")
-    teacher = models.from_pretrained(assets.TEACHER_DIR)
+    teacher = from_pretrained(assets.TEACHER_DIR)
     pairs = run.heldout_pairs(root, teacher, tokenizer, heldout_file, settings)
     timings.update(clock.lap("heldout_teacher"))
     return Start(root, settings, tokenizer, teacher, heldout, heldout_file, pairs, timings=timings)

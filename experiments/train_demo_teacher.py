@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from distillm2_jax import models
 from distillm2_jax.demo import assets, evaluation, run, sft, task
+from distillm2_jax.hf import from_pretrained, save_pretrained
 
 
 def main() -> None:
@@ -35,7 +36,7 @@ def main() -> None:
     data = [(e.prompt, e.solution) for e in task.make_examples(args.examples, seed=args.seed, split="teacher",
                                                                        distinct=False)]
     if args.init:
-        model = models.from_pretrained(args.init, dtype=jnp.float32)
+        model = from_pretrained(args.init, dtype=jnp.float32)
     else:
         model = models.from_config(assets.TEACHER_CONFIG, seed=args.seed)
     t0 = time.time()
@@ -48,7 +49,7 @@ def main() -> None:
     print(f"trained {args.steps} steps in {train_s:.0f} s; held-out exact match {acc['exact_match']:.3f} "
           f"({acc['per_skill']})")
     out = Path(args.out)
-    models.save_pretrained(model, out, tokenizer=tokenizer, dtype=jnp.bfloat16)
+    save_pretrained(model, out, tokenizer=tokenizer, dtype=jnp.bfloat16)
     (out / "training.json").write_text(json.dumps({
         "command": "python experiments/train_demo_teacher.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out" and v is not None),

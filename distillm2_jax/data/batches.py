@@ -11,21 +11,20 @@ Layout of a batch of B pairs (docs/data.md, "Batch layout"), all int32, right-pa
     valid           [2B]     1 for real pairs, 0 for filler pairs (only when a loader pads the
                              last batch, drop_remainder=False)
 
-With layout="stacked" every array gets shape [2, B, ...] instead (index 0 = chosen, 1 =
-rejected) so that a global batch can be assembled from per-host pieces along axis 1.
-
 With layout="shared_prompt" (the trainer's; `collate_shared_prompts`) a pair's prompt is stored
 once and both responses continue it, so the models run each prompt once per pair:
 
     prompt_ids, prompt_mask        [B, P]     LEFT-padded prompts, P = max_prompt_length
-    response_ids, response_mask    [2, B, R]  right-padded responses (0 = chosen, 1 = rejected),
-                                              R = max_length - max_prompt_length
-    labels                         [2, B, R]  response_ids on response tokens, -100 on padding
+    response_ids, response_mask    [B, 2, R]  right-padded responses, pair-major (0 = chosen,
+                                              1 = rejected), R = max_length - max_prompt_length
+    labels                         [B, 2, R]  response_ids on response tokens, -100 on padding
                                               (and on the first token after an empty prompt,
                                               which nothing predicts)
     valid                          [B]
 
 Here a response keeps at most R tokens whatever its prompt's length, so that R is static.
+Every array has the pairs on axis 0, so a global batch is the per-process pieces concatenated
+along axis 0 and a pair never spans devices; `train.batch` takes it from there to the loss.
 
 Truncation: the prompt keeps its END to at most max_prompt_length tokens (a leading BOS stays);
 the response then gets the remaining max_length - len(prompt) tokens and is cut at its end.
@@ -51,26 +50,13 @@ from distillm2_jax.data.chat import (encode_prompts, encode_texts, end_of_turn_i
                                      pad_token_id, truncate_keep_end)
 from distillm2_jax.data.generations import tokenizer_fingerprint
 from distillm2_jax.data.pairs import Pair
+from distillm2_jax.data.tokenized import TokenizedPair
 from distillm2_jax.errors import UserError
 
 IGNORE_INDEX = -100
-ROW_LAYOUTS = ("rows", "stacked")          # collate_pairs: [prompt | response] rows
-LAYOUTS = ROW_LAYOUTS + ("shared_prompt",)  # collate_shared_prompts: each prompt stored once
+LAYOUTS = ("rows", "shared_prompt")  # collate_pairs: [prompt | response] rows (evaluation);
+                                     # collate_shared_prompts: each prompt once (training)
 SIDES = ("chosen", "rejected")
-
-
-@dataclasses.dataclass(frozen=True)
-class TokenizedPair:
-    """Token ids of one pair, already truncated: prompt, and each response incl. end-of-turn."""
-
-    prompt_ids: np.ndarray
-    chosen_ids: np.ndarray
-    rejected_ids: np.ndarray
-    valid: bool = True
-
-
-EMPTY_PAIR = TokenizedPair(np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.int32),
-                           valid=False)
 
 
 def check_lengths(max_length: int, max_prompt_length: int) -> None:
@@ -251,16 +237,12 @@ def _bucket_length(longest: int, max_length: int, buckets: Sequence[int] | None)
 
 
 def collate_pairs(pairs: Sequence[TokenizedPair], *, max_length: int, pad_id: int,
-                  length_buckets: Sequence[int] | None = None,
-                  layout: str = "rows") -> dict[str, np.ndarray]:
+                  length_buckets: Sequence[int] | None = None) -> dict[str, np.ndarray]:
     """Stack B tokenised pairs into the [chosen; rejected] batch arrays (module docstring).
 
     T is `max_length`, or with `length_buckets` the smallest bucket holding the longest row
     (capped at max_length) - fewer padded tokens, but one compiled shape per bucket.
     """
-    if layout not in ROW_LAYOUTS:
-        raise UserError(f"layout must be one of {ROW_LAYOUTS} (shared_prompt: "
-                        f"collate_shared_prompts), got {layout!r}")
     rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids)
                                                            for p in pairs]
     longest = max((len(a) + len(b) for a, b in rows), default=0)
@@ -278,10 +260,7 @@ def collate_pairs(pairs: Sequence[TokenizedPair], *, max_length: int, pad_id: in
         attention[i, :lp + lr] = 1
         labels[i, lp:lp + lr] = response
     valid = np.asarray([p.valid for p in pairs] * 2, np.int32)
-    batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels, "valid": valid}
-    if layout == "stacked":
-        batch = {k: v.reshape((2, len(pairs)) + v.shape[1:]) for k, v in batch.items()}
-    return batch
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels, "valid": valid}
 
 
 def collate_shared_prompts(pairs: Sequence[TokenizedPair], *, max_prompt_length: int,
@@ -303,9 +282,9 @@ def collate_shared_prompts(pairs: Sequence[TokenizedPair], *, max_prompt_length:
     b = len(pairs)
     prompt_ids = np.full((b, p_len), pad_id, np.int32)
     prompt_mask = np.zeros((b, p_len), np.int32)
-    response_ids = np.full((2, b, r_len), pad_id, np.int32)
-    response_mask = np.zeros((2, b, r_len), np.int32)
-    labels = np.full((2, b, r_len), IGNORE_INDEX, np.int32)
+    response_ids = np.full((b, 2, r_len), pad_id, np.int32)
+    response_mask = np.zeros((b, 2, r_len), np.int32)
+    labels = np.full((b, 2, r_len), IGNORE_INDEX, np.int32)
     for i, p in enumerate(pairs):
         lp = len(p.prompt_ids)
         if lp:
@@ -313,11 +292,11 @@ def collate_shared_prompts(pairs: Sequence[TokenizedPair], *, max_prompt_length:
             prompt_mask[i, p_len - lp:] = 1
         for half, response in enumerate((p.chosen_ids, p.rejected_ids)):
             lr = len(response)
-            response_ids[half, i, :lr] = response
-            response_mask[half, i, :lr] = 1
-            labels[half, i, :lr] = response
+            response_ids[i, half, :lr] = response
+            response_mask[i, half, :lr] = 1
+            labels[i, half, :lr] = response
             if not lp and lr:
-                labels[half, i, 0] = IGNORE_INDEX   # nothing precedes it to predict it
+                labels[i, half, 0] = IGNORE_INDEX   # nothing precedes it to predict it
     return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": response_ids,
             "response_mask": response_mask, "labels": labels,
             "valid": np.asarray([p.valid for p in pairs], np.int32)}
@@ -332,12 +311,13 @@ def max_response_length(layout: str, max_length: int, max_prompt_length: int) ->
 def collate_fn(layout: str, *, max_length: int, max_prompt_length: int, pad_id: int,
                length_buckets: Sequence[int] | None = None):
     """`pairs -> batch dict` for a layout: `collate_shared_prompts` or `collate_pairs`."""
+    if layout not in LAYOUTS:
+        raise UserError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if layout == "shared_prompt":
         return partial(collate_shared_prompts, max_prompt_length=max_prompt_length,
                        max_response_length=max_response_length(layout, max_length, max_prompt_length),
                        pad_id=pad_id, length_buckets=length_buckets)
-    return partial(collate_pairs, max_length=max_length, pad_id=pad_id,
-                   length_buckets=length_buckets, layout=layout)
+    return partial(collate_pairs, max_length=max_length, pad_id=pad_id, length_buckets=length_buckets)
 
 
 def make_batch(pairs: Sequence[Pair], tokenizer, *, max_length: int, max_prompt_length: int,

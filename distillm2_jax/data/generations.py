@@ -31,9 +31,10 @@ import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from distillm2_jax.data.messages import Message, prompt_from_value, prompt_key, show
+from distillm2_jax.data.messages import Message, prompt_from_value, prompt_key
 from distillm2_jax.data.records import MalformedCounter, iter_json_records
 from distillm2_jax.errors import UserError
+from distillm2_jax.jsonio import show
 
 FINISH_REASONS = ("stop", "length")
 

@@ -12,11 +12,10 @@ Pipeline (grain.MapDataset, random access end to end):
 - Sharding: global batch k holds shuffled positions [k*G, (k+1)*G). Process p of P gets the
   contiguous rows [p*G/P, (p+1)*G/P) of it, so the union over processes, in process order, IS
   the single-process global batch (feed it with jax.make_array_from_process_local_data).
-  Use layout="stacked" ([2, G/P, T] per host) when the batch axis is sharded across hosts:
-  concatenating per-host [chosen; rejected] row blocks along axis 0 would interleave them.
-  layout="shared_prompt" (the trainer's) stores each prompt once ([G/P, P] prompts, [2, G/P, R]
-  responses; `batches.collate_shared_prompts`); responses then keep at most
-  max_length - max_prompt_length tokens.
+  layout="shared_prompt" (the trainer's) stores each prompt once ([G/P, P] prompts, [G/P, 2, R]
+  responses, pairs on axis 0; `batches.collate_shared_prompts`): per-host pieces concatenate
+  along axis 0; responses then keep at most max_length - max_prompt_length tokens. The "rows"
+  layout ([chosen; rejected] row blocks, for evaluation) does not concatenate that way.
 - drop_remainder=True drops the last partial global batch; False pads it with filler pairs
   (valid=0, all labels -100) so every host still sees full, equal shapes.
 - State: `iter(loader)` is a grain DatasetIterator: `get_state()` / `set_state(state)` restore
@@ -33,9 +32,9 @@ from functools import partial
 import grain
 import numpy as np
 
-from distillm2_jax.data.batches import (EMPTY_PAIR, LAYOUTS, PairTokenizer, TokenizedPair, collate_fn,
-                                        max_response_length)
+from distillm2_jax.data.batches import LAYOUTS, PairTokenizer, collate_fn, max_response_length
 from distillm2_jax.data.pairs import Pair
+from distillm2_jax.data.tokenized import EMPTY_PAIR, TokenizedPair
 from distillm2_jax.errors import UserError
 
 

@@ -8,22 +8,13 @@ dropped so that templates see exactly role and content.
 from __future__ import annotations
 
 import json
-import reprlib
 from typing import Any
 
 from distillm2_jax.errors import UserError
+from distillm2_jax.jsonio import show
 
 ROLES = ("system", "user", "assistant")
 Message = dict  # {"role": str, "content": str}
-
-_REPR = reprlib.Repr()
-_REPR.maxstring = _REPR.maxother = 60
-
-
-def show(value: Any) -> str:
-    """A short repr of a value from the user's data for an error message (keeps it one short
-    line even when the value is a megabyte string or a huge number)."""
-    return _REPR.repr(value)
 
 
 def normalize_messages(value: Any, where: str, field: str) -> list[Message]:

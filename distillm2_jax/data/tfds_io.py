@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from distillm2_jax.data.tokenized import TokenizedPair
 from distillm2_jax.errors import UserError
 
 TOKENIZED_PAIRS_NAME = "distillm2_pairs"
@@ -110,8 +111,6 @@ class TokenizedPairSource(Sequence):
         return len(self._src)
 
     def __getitem__(self, index: Any):
-        from distillm2_jax.data.batches import TokenizedPair
-
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
         rec = self._src[index]

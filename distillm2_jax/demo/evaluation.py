@@ -11,11 +11,10 @@ def task_accuracy(model, examples: list[task.Example], tokenizer, *, batch_size:
                   max_new_tokens: int | None = None) -> dict:
     """Greedy responses to `examples`, checked with the task's own checker (up to the demo's
     response length unless `max_new_tokens` is given)."""
-    from distillm2_jax.demo.run import MAX_NEW_TOKENS
     res = evaluate.exact_match(
         model, [e.record() for e in examples], tokenizer,
         extract=task.extract, correct=lambda prompt, response, answer: task.is_correct(prompt, response),
-        max_new_tokens=max_new_tokens or MAX_NEW_TOKENS, batch_size=batch_size, max_prompt_length=64)
+        max_new_tokens=max_new_tokens or task.MAX_NEW_TOKENS, batch_size=batch_size, max_prompt_length=64)
     per = Counter(), Counter()
     for e, r in zip(examples, res.responses):
         per[1][e.skill] += 1

@@ -4,6 +4,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
+
+from distillm2_jax.objectives import curriculum as cur
+from distillm2_jax.train.metrics import read_metrics, to_float
+
 NAMES = {"distillm2": "DistiLLM-2", "kd": "KD", "seqkd": "SeqKD", "gkd": "GKD", "distillm": "DistiLLM",
          "rkl": "RKL", "sft": "SFT", "dpkd": "DPKD"}
 
@@ -52,10 +57,6 @@ def b_readings(total_steps: int, num_epochs: int, b0: float = 0.5) -> dict[str, 
     docs/experiments.md, "The b schedule: readings"), the authors' code ramp and a constant b.
     The first key is the trainer's `paper` schedule.
     """
-    import numpy as np
-
-    from distillm2_jax import curriculum as cur
-
     spe = max(total_steps // num_epochs, 1)
     step = np.arange(total_steps)
     epoch = np.minimum(step // spe, num_epochs - 1)
@@ -83,8 +84,6 @@ def _run_b0(run_dir) -> float:
 
 def _logged_b(records: list[dict]) -> tuple[list[tuple[int, float]], int]:
     """(step, b) of every logged record, and the run's number of epochs."""
-    from distillm2_jax.train.metrics import to_float
-
     logged = [(int(r["step"]), to_float(r["beta"])) for r in records if r.get("beta") is not None]
     return logged, max((int(r.get("epoch", 1)) for r in records), default=1)
 
@@ -105,8 +104,6 @@ def readings_used(records: list[dict], b0: float = 0.5) -> list[str]:
 
 def _plot_b_readings(ax, records: list[dict], b0: float, title: str) -> None:
     """Every reading's b over the run's steps; the reading(s) equal to the run's logged b are marked."""
-    import numpy as np
-
     logged, epochs = _logged_b(records)
     total = max((s for s, _ in logged), default=0)
     if total < 1:
@@ -132,8 +129,6 @@ def plot_curves(run_dirs: dict[str, str | os.PathLike], out: str | os.PathLike) 
     b curve of every reading of the schedule over the first run's steps (the one it used marked)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-
-    from distillm2_jax.train.metrics import read_metrics, to_float
 
     records = {name: read_metrics(Path(d)) for name, d in run_dirs.items()}
     fig = Figure(figsize=(12, 9.5), layout="constrained")

@@ -18,15 +18,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 
-from distillm2_jax.demo import assets, task
+import numpy as np
 
-# Prompts are <= 35 tokens and worked solutions <= 49 tokens plus the end-of-turn token; training
-# keeps MAX_NEW_TOKENS sampled tokens plus the end-of-turn token.
-MAX_PROMPT_LENGTH, MAX_NEW_TOKENS = 36, 55
-MAX_LENGTH = MAX_PROMPT_LENGTH + MAX_NEW_TOKENS + 1
+from distillm2_jax import api, evaluate, models, objectives
+from distillm2_jax.config import Config, with_overrides
+from distillm2_jax.data.pairs import build_pairs
+from distillm2_jax.demo import assets, report, sft, task
+from distillm2_jax.demo.evaluation import task_accuracy
+from distillm2_jax.demo.task import MAX_LENGTH, MAX_NEW_TOKENS, MAX_PROMPT_LENGTH
+from distillm2_jax.errors import UserError
+from distillm2_jax.generation import generate_file
+from distillm2_jax.hf import from_pretrained, save_pretrained
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,23 +77,17 @@ def write_data(out: Path, s: DemoSettings) -> dict[str, Path]:
 
 def warm_up_student(out: Path, sft_file: Path, tokenizer, s: DemoSettings, *, progress: bool = True) -> Path:
     """The student after a short supervised warm-up on ground truth (step 2)."""
-    from distillm2_jax import models
-    from distillm2_jax.demo import sft
-
     records = [json.loads(line) for line in open(sft_file)]
     model = models.from_config(assets.STUDENT_CONFIG, seed=s.seed)
     model, _ = sft.finetune(model, [(r["prompt"], r["solution"]) for r in records], tokenizer, steps=s.sft_steps,
                             batch_size=64, lr=s.sft_lr, warmup=max(s.sft_steps // 10, 1), seed=s.seed,
                             max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH, log=None, progress=progress)
-    return models.save_pretrained(model, out / "student_sft", tokenizer=tokenizer)
+    return save_pretrained(model, out / "student_sft", tokenizer=tokenizer)
 
 
 def train_config(out: Path, s: DemoSettings, objective: str, *, teacher_responses: Path | None = None,
                  run_name: str | None = None, overrides: dict | None = None):
     """The run configuration of one distillation (a `Config`, as `distillm2 train` reads from YAML)."""
-    from distillm2_jax.config import Config
-    from distillm2_jax import objectives
-
     over = {
         "run_dir": str(out / "runs" / (run_name or objective)), "seed": s.seed,
         "model.teacher": str(assets.TEACHER_DIR), "model.student": str(out / "student_sft"),
@@ -106,14 +106,11 @@ def train_config(out: Path, s: DemoSettings, objective: str, *, teacher_response
     if teacher_responses is not None:
         over["data.teacher_responses"] = str(teacher_responses)
     over.update(overrides or {})
-    return Config().override(**over)
+    return with_overrides(Config(), over)
 
 
 def heldout_pairs(out: Path, teacher, tokenizer, heldout_file: Path, s: DemoSettings) -> Path:
     """Teacher responses to the held-out prompts, as a pair file (chosen = teacher) with answers."""
-    from distillm2_jax.data.pairs import build_pairs
-    from distillm2_jax.generate import generate_file
-
     gen = out / "data" / "heldout_teacher.jsonl"
     generate_file(teacher, str(heldout_file), gen, tokenizer=tokenizer, temperature=s.temperature, top_p=s.top_p,
                   max_new_tokens=s.max_new_tokens, max_prompt_length=MAX_PROMPT_LENGTH, seed=s.seed + 1,
@@ -129,9 +126,6 @@ def heldout_pairs(out: Path, teacher, tokenizer, heldout_file: Path, s: DemoSett
 
 def evaluate_model(model, teacher, tokenizer, heldout: list, pairs: Path) -> dict:
     """Exact match, NLL of held-out teacher responses, acceptance rate as the teacher's draft."""
-    from distillm2_jax import evaluate
-    from distillm2_jax.demo.evaluation import task_accuracy
-
     acc = task_accuracy(model, heldout, tokenizer, max_new_tokens=MAX_NEW_TOKENS)
     kw = dict(max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH, batch_size=64)
     row = {"exact_match": acc["exact_match"], "per_skill": acc["per_skill"], "malformed": acc["malformed"],
@@ -147,17 +141,13 @@ def evaluate_model(model, teacher, tokenizer, heldout: list, pairs: Path) -> dic
 
 def check_export(export_dir: Path, student, tokenizer) -> dict:
     """Reload the exported folder and compare its logits with the trained student's."""
-    import numpy as np
-
-    from distillm2_jax import models
-
     ids = np.asarray([tokenizer.apply_chat_template([{"role": "user", "content": "Add: 4785 + 0936"}],
                                                     add_generation_prompt=True)["input_ids"]])
     want = np.asarray(student(ids))
-    from transformers import AutoConfig, AutoTokenizer
-    AutoConfig.from_pretrained(str(export_dir))
-    AutoTokenizer.from_pretrained(str(export_dir))
-    ours = float(np.max(np.abs(np.asarray(models.from_pretrained(export_dir)(ids)) - want)))
+    from transformers import AutoConfig
+    AutoConfig.from_pretrained(str(export_dir), local_files_only=True, trust_remote_code=False)
+    api.load_tokenizer(export_dir)  # local files only, no remote code, like every tokenizer load
+    ours = float(np.max(np.abs(np.asarray(from_pretrained(export_dir)(ids)) - want)))
     result = {"reloaded_max_abs_logit_diff": ours, "transformers_max_abs_logit_diff": None}
     try:
         import torch
@@ -173,10 +163,6 @@ def check_export(export_dir: Path, student, tokenizer) -> dict:
 
 def prepare_output(out: Path, *, overwrite: bool) -> Path:
     """An empty output folder; an earlier demo's folder is replaced only with `overwrite`."""
-    import shutil
-
-    from distillm2_jax.errors import UserError
-
     if out.exists() and any(out.iterdir()):
         if not (out / "data" / "sft.jsonl").is_file():
             raise UserError(f"{out} exists, is not empty and is not a demo output folder; choose another --out")
@@ -189,13 +175,9 @@ def prepare_output(out: Path, *, overwrite: bool) -> Path:
 
 def run_demo(out: str | Path, settings: DemoSettings | None = None, *, overwrite: bool = False) -> dict:
     """Run the whole demo into `out`; returns the results dict also written to results.json."""
-    from distillm2_jax import api, models
-    from distillm2_jax.demo import report
-
     s = settings or DemoSettings()
     out = prepare_output(Path(out), overwrite=overwrite)
     if not assets.has_packaged_teacher():
-        from distillm2_jax.errors import UserError
         raise UserError(f"the packaged teacher is missing from {assets.TEACHER_DIR} (an install without "
                         "package data?); reinstall, or rebuild it with experiments/train_demo_teacher.py")
     t_start = time.perf_counter()
@@ -243,11 +225,11 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None, *, overwrite
 
     t0 = time.perf_counter()
     _log(f"[{step + 1}/{n}] evaluating on {s.heldout} held-out prompts")
-    teacher = models.from_pretrained(assets.TEACHER_DIR)
+    teacher = from_pretrained(assets.TEACHER_DIR)
     heldout = task.make_examples(s.heldout, seed=s.seed, split="heldout")
     pairs = heldout_pairs(out, teacher, tokenizer, files["heldout"], s)
     rows = {"teacher": evaluate_model(teacher, teacher, tokenizer, heldout, pairs),
-            "student (warm-up only)": evaluate_model(models.from_pretrained(out / "student_sft"), teacher,
+            "student (warm-up only)": evaluate_model(from_pretrained(out / "student_sft"), teacher,
                                                      tokenizer, heldout, pairs)}
     for objective in s.objectives:
         rows[f"student after {report.NAMES.get(objective, objective)}"] = evaluate_model(

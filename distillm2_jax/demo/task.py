@@ -38,6 +38,11 @@ _PROMPT_RE = {
 # The answer of each skill: a zero-padded number of fixed width; anything else is malformed.
 _ANSWER_RE = {"add": re.compile(rf"^[0-9]{{{ADD_DIGITS + 1}}}$"),
               "mul": re.compile(rf"^[0-9]{{{MUL_DIGITS + 1}}}$")}
+# Token lengths of the task (one byte a token), here because both the demo run and its
+# evaluation read them: prompts are <= 35 tokens and worked solutions <= 49 tokens plus the
+# end-of-turn token; training keeps MAX_NEW_TOKENS sampled tokens plus the end-of-turn token.
+MAX_PROMPT_LENGTH, MAX_NEW_TOKENS = 36, 55
+MAX_LENGTH = MAX_PROMPT_LENGTH + MAX_NEW_TOKENS + 1
 # Held-out prompts are a fixed eighth of all prompts, chosen by a hash of the prompt text, so no
 # training split (of any seed, including the one the packaged teacher was trained on) contains one.
 SPLITS = ("teacher", "sft", "distill", "heldout")

@@ -17,10 +17,9 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from distillm2_jax import sharding as shd
-from distillm2_jax.data.messages import show
-from distillm2_jax.data.records import read_json_file
 from distillm2_jax.errors import CheckpointFormatError, UserError
 from distillm2_jax.hf.names import IGNORABLE_SUFFIXES, TensorMap, tensor_maps
+from distillm2_jax.jsonio import read_json_file, show
 from distillm2_jax.models.config import ModelConfig, from_hf, load_hf_config
 from distillm2_jax.models.decoder import Decoder, param_specs
 

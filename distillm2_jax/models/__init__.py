@@ -1,9 +1,12 @@
-"""Decoder models: build, import from and export to Hugging Face folders.
+"""Decoder models: configs, parameters, the forward pass and random initialisation.
 
-    from distillm2_jax import models
-    model = models.from_pretrained("path/to/hf_dir", dtype=jnp.float32)   # optional mesh=
-    logits = model(input_ids, attention_mask=attention_mask)               # [B, T, V]
-    models.save_pretrained(model, "out_dir", tokenizer="path/to/hf_dir")
+    from distillm2_jax.hf import from_pretrained, save_pretrained
+    model = from_pretrained("path/to/hf_dir", dtype=jnp.float32)   # optional mesh=
+    logits = model(input_ids, attention_mask=attention_mask)        # [B, T, V]
+    save_pretrained(model, "out_dir", tokenizer="path/to/hf_dir")
+
+Reading and writing Hugging Face folders lives in `distillm2_jax.hf`, which imports this
+package; this package does not import it back.
 """
 from __future__ import annotations
 
@@ -14,33 +17,29 @@ import jax.numpy as jnp
 
 from distillm2_jax import sharding as shd
 from distillm2_jax.errors import UserError
-from distillm2_jax.hf.load import from_pretrained
-from distillm2_jax.hf.save import save_pretrained
 from distillm2_jax.models.config import (
     SUPPORTED_MODEL_TYPES,
     ModelConfig,
     UnsupportedConfigError,
     from_hf,
     hf_config_from_dict,
-    load_hf_config,
 )
 from distillm2_jax.models.decoder import (
     Decoder,
-    KVCache,
     forward,
     forward_pairs,
-    init_cache,
     init_params,
     logits_from_hidden,
     map_specs,
     output_head,
     param_specs,
 )
+from distillm2_jax.models.kv_cache import KVCache, init_cache
 
 __all__ = [
     "Decoder", "KVCache", "ModelConfig", "SUPPORTED_MODEL_TYPES", "UnsupportedConfigError",
-    "align_vocab", "forward", "forward_pairs", "from_config", "from_pretrained", "init_cache", "init_params",
-    "logits_from_hidden", "output_head", "param_shardings", "param_specs", "save_pretrained",
+    "align_vocab", "forward", "forward_pairs", "from_config", "init_cache", "init_params",
+    "logits_from_hidden", "output_head", "param_shardings", "param_specs",
 ]
 
 

@@ -12,9 +12,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from distillm2_jax.data.messages import show
-from distillm2_jax.data.records import first_line, read_json_file
 from distillm2_jax.errors import UserError
+from distillm2_jax.jsonio import first_line, read_json_file, show
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")

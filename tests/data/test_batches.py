@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from distillm2_jax.data import chat
-from distillm2_jax.data.batches import (IGNORE_INDEX, TokenizedPair, collate_pairs,
+from distillm2_jax.data.batches import (IGNORE_INDEX, TokenizedPair, collate_fn,
                                         collate_shared_prompts, make_batch, truncate_pair)
 from distillm2_jax.data.pairs import Pair
 from distillm2_jax.errors import UserError
@@ -68,34 +68,29 @@ def test_long_prompt_keeps_its_end_and_long_response_loses_eos(tiny_tokenizer):
     assert b["labels"][1, n - 1] == EOS_ID
 
 
-def test_buckets_and_stacked_layout(tiny_tokenizer):
+def test_buckets(tiny_tokenizer):
     rows = make_batch(PAIRS, tiny_tokenizer, max_length=256, max_prompt_length=64,
                       length_buckets=(16, 64, 128))
     assert rows["input_ids"].shape == (6, 64)
-    stacked = make_batch(PAIRS, tiny_tokenizer, max_length=256, max_prompt_length=64,
-                         length_buckets=(16, 64, 128), layout="stacked")
-    for k in rows:
-        assert stacked[k].shape == (2, 3) + rows[k].shape[1:]
-        np.testing.assert_array_equal(stacked[k].reshape(rows[k].shape), rows[k])
 
 
 def test_shared_prompt_layout_holds_the_rows_tokens_once_per_prompt(tiny_tokenizer):
     """Each prompt once (left-padded), both responses right-padded, labels = response tokens."""
     rows = make_batch(PAIRS, tiny_tokenizer, max_length=96, max_prompt_length=64)
     b = make_batch(PAIRS, tiny_tokenizer, max_length=96, max_prompt_length=64, layout="shared_prompt")
-    assert b["prompt_ids"].shape == (3, 64) and b["response_ids"].shape == (2, 3, 32)
-    assert b["labels"].shape == b["response_mask"].shape == (2, 3, 32) and b["valid"].tolist() == [1] * 3
+    assert b["prompt_ids"].shape == (3, 64) and b["response_ids"].shape == (3, 2, 32)
+    assert b["labels"].shape == b["response_mask"].shape == (3, 2, 32) and b["valid"].tolist() == [1] * 3
     for row in range(6):
         half, i = divmod(row, 3)
         n = int(rows["attention_mask"][row].sum())
         lp = int(b["prompt_mask"][i].sum())
-        lr = int(b["response_mask"][half, i].sum())
+        lr = int(b["response_mask"][i, half].sum())
         assert lp + lr == n
         assert b["prompt_mask"][i].tolist() == [0] * (64 - lp) + [1] * lp   # left-padded
         assert b["prompt_ids"][i, 64 - lp:].tolist() == rows["input_ids"][row, :lp].tolist()
         assert (b["prompt_ids"][i, :64 - lp] == PAD_ID).all()
-        assert b["response_ids"][half, i, :lr].tolist() == rows["input_ids"][row, lp:n].tolist()
-        assert b["labels"][half, i].tolist() == rows["labels"][row, lp:lp + 32].tolist()
+        assert b["response_ids"][i, half, :lr].tolist() == rows["input_ids"][row, lp:n].tolist()
+        assert b["labels"][i, half].tolist() == rows["labels"][row, lp:lp + 32].tolist()
 
 
 def test_shared_prompt_layout_caps_responses_and_buckets_each_part(tiny_tokenizer):
@@ -117,8 +112,8 @@ def test_shared_prompt_layout_masks_the_first_label_after_an_empty_prompt():
     pairs = [TokenizedPair(np.zeros(0, np.int32), np.array([5, 6, 7], np.int32), np.array([8], np.int32)),
              TokenizedPair(np.array([3], np.int32), np.array([9], np.int32), np.zeros(0, np.int32))]
     b = collate_shared_prompts(pairs, max_prompt_length=2, max_response_length=3, pad_id=0)
-    assert b["labels"][:, 0].tolist() == [[IGNORE_INDEX, 6, 7], [IGNORE_INDEX] * 3]   # nothing predicts 5 or 8
-    assert b["labels"][:, 1].tolist() == [[9, IGNORE_INDEX, IGNORE_INDEX], [IGNORE_INDEX] * 3]
+    assert b["labels"][0].tolist() == [[IGNORE_INDEX, 6, 7], [IGNORE_INDEX] * 3]   # nothing predicts 5 or 8
+    assert b["labels"][1].tolist() == [[9, IGNORE_INDEX, IGNORE_INDEX], [IGNORE_INDEX] * 3]
     assert b["prompt_mask"].tolist() == [[0, 0], [0, 1]]
     with pytest.raises(ValueError, match="max_response_length"):
         collate_shared_prompts(pairs, max_prompt_length=2, max_response_length=2, pad_id=0)
@@ -128,7 +123,7 @@ def test_length_limits_are_checked(tiny_tokenizer):
     with pytest.raises(UserError, match="must be smaller"):
         make_batch(PAIRS, tiny_tokenizer, max_length=64, max_prompt_length=64)
     with pytest.raises(UserError, match="layout"):
-        collate_pairs([], max_length=8, pad_id=0, layout="columns")
+        collate_fn("columns", max_length=8, max_prompt_length=4, pad_id=0)
 
 
 @settings(max_examples=60, deadline=None)

@@ -386,13 +386,14 @@ def model_dirs(tmp_path_factory):
     from safetensors import safe_open
 
     from distillm2_jax import models
+    from distillm2_jax.hf import save_pretrained
     from distillm2_jax.toy import VOCAB_SIZE, build_tiny_tokenizer
 
     root = tmp_path_factory.mktemp("fuzz_models")
     model = models.from_config(dict(
         model_type="qwen2", vocab_size=VOCAB_SIZE, hidden_size=16, intermediate_size=32,
         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
-    models.save_pretrained(model, root / "model")
+    save_pretrained(model, root / "model")
     with safe_open(str(root / "model" / "model.safetensors"), framework="numpy") as f:
         index = {"metadata": {}, "weight_map": {name: "model.safetensors" for name in f.keys()}}
     (root / "model" / "model.safetensors.index.json").write_text(json.dumps(index))  # sharded form
@@ -403,7 +404,7 @@ def model_dirs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tokenizer(model_dirs):
     """The tiny tokenizer, for `load_templated_prompts`."""
-    from distillm2_jax.train.epoch_data import load_tokenizer
+    from distillm2_jax.data.tokenizer import load_tokenizer
 
     return load_tokenizer(str(model_dirs / "tokenizer"))
 
@@ -430,13 +431,13 @@ def damaged_folder(draw, src, dst, json_names) -> str:
 
 
 def _load_model(path):
-    from distillm2_jax import models
+    from distillm2_jax.hf import from_pretrained
 
-    return models.from_pretrained(path)
+    return from_pretrained(path)
 
 
 def _load_tokenizer(path):
-    from distillm2_jax.train.epoch_data import load_tokenizer
+    from distillm2_jax.data.tokenizer import load_tokenizer
 
     return load_tokenizer(path)
 

@@ -53,7 +53,7 @@ def write_lines(path, rows):
 
 
 def response_labels(batch, half, row=0):
-    labels = batch["labels"][half, row]
+    labels = batch["labels"][row, half]
     return labels[labels != -100].tolist()
 
 

@@ -3,7 +3,7 @@ import json
 
 import numpy as np
 
-from distillm2_jax import curriculum as cur
+from distillm2_jax.objectives import curriculum as cur
 from distillm2_jax.demo import report
 
 

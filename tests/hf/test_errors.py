@@ -1,12 +1,11 @@
 """Bad checkpoints fail with errors that name the tensor and the file."""
 import json
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from distillm2_jax import models
+from distillm2_jax.hf import from_pretrained
 from distillm2_jax.errors import CheckpointFormatError, UserError
 from distillm2_jax.models.config import UnsupportedConfigError
 from tests.tiny_models import build_hf_model
@@ -32,7 +31,7 @@ def test_unknown_architecture(good_dir, tmp_path):
     cfg.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UnsupportedConfigError, match=r"config.json: model_type 'gpt2'.*supported: llama"):
-        models.from_pretrained(d)
+        from_pretrained(d)
 
 
 def test_unsupported_rope_type(good_dir, tmp_path):
@@ -41,7 +40,7 @@ def test_unsupported_rope_type(good_dir, tmp_path):
     cfg["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UnsupportedConfigError, match="rope_type 'yarn' is not supported"):
-        models.from_pretrained(d)
+        from_pretrained(d)
 
 
 def test_missing_tensor(good_dir, tmp_path):
@@ -50,7 +49,7 @@ def test_missing_tensor(good_dir, tmp_path):
     del tensors["model.layers.1.mlp.up_proj.weight"]
     save_file(tensors, str(d / "model.safetensors"))
     with pytest.raises(CheckpointFormatError, match=r"'model.layers.1.mlp.up_proj.weight' is missing.*model.safetensors"):
-        models.from_pretrained(d)
+        from_pretrained(d)
 
 
 def test_unexpected_tensor(good_dir, tmp_path):
@@ -59,7 +58,7 @@ def test_unexpected_tensor(good_dir, tmp_path):
     tensors["model.layers.0.mystery.weight"] = np.zeros(3, np.float32)
     save_file(tensors, str(d / "model.safetensors"))
     with pytest.raises(CheckpointFormatError, match=r"model.safetensors: unexpected tensor 'model.layers.0.mystery.weight'"):
-        models.from_pretrained(d)
+        from_pretrained(d)
 
 
 def test_wrong_shape(good_dir, tmp_path):
@@ -69,7 +68,7 @@ def test_wrong_shape(good_dir, tmp_path):
     save_file(tensors, str(d / "model.safetensors"))
     with pytest.raises(CheckpointFormatError,
                        match=r"model.safetensors: tensor 'model.layers.0.self_attn.k_proj.weight' has shape \(31, 64\), expected \(32, 64\)"):
-        models.from_pretrained(d)
+        from_pretrained(d)
 
 
 def test_corrupt_header(good_dir, tmp_path):
@@ -77,7 +76,7 @@ def test_corrupt_header(good_dir, tmp_path):
     data = (d / "model.safetensors").read_bytes()
     (d / "model.safetensors").write_bytes(data[:8] + b"{not json" + data[17:])
     with pytest.raises(CheckpointFormatError, match=r"model.safetensors: cannot read safetensors header"):
-        models.from_pretrained(d)
+        from_pretrained(d)
 
 
 def test_pickle_checkpoints_are_refused(good_dir, tmp_path):
@@ -85,14 +84,14 @@ def test_pickle_checkpoints_are_refused(good_dir, tmp_path):
     (d / "model.safetensors").unlink()
     (d / "pytorch_model.bin").write_bytes(b"\x80\x04not loaded")
     with pytest.raises(CheckpointFormatError, match="pickle-based .bin/.pt files are refused"):
-        models.from_pretrained(d)
+        from_pretrained(d)
 
 
 def test_not_a_model_folder(tmp_path):
     with pytest.raises(UserError, match="no config.json"):
-        models.from_pretrained(tmp_path)
+        from_pretrained(tmp_path)
     with pytest.raises(UserError, match="not a folder"):
-        models.from_pretrained(tmp_path / "nope")
+        from_pretrained(tmp_path / "nope")
 
 
 def test_missing_shard_file_in_index(good_dir, tmp_path):
@@ -101,4 +100,4 @@ def test_missing_shard_file_in_index(good_dir, tmp_path):
     index = {"metadata": {}, "weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors"}}
     (d / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(CheckpointFormatError, match=r"'model.embed_tokens.weight' is mapped to model-00001-of-00002.safetensors, which does not exist"):
-        models.from_pretrained(d)
+        from_pretrained(d)

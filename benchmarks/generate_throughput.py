@@ -51,8 +51,8 @@ def main() -> int:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from distillm2_jax import models
-    from distillm2_jax.generate import sample
+    from distillm2_jax.generation import sample
+    from distillm2_jax.hf import from_pretrained
 
     hf_cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
                          num_hidden_layers=args.layers, num_attention_heads=args.heads,
@@ -63,7 +63,7 @@ def main() -> int:
     hf = AutoModelForCausalLM.from_config(hf_cfg, dtype=tdtype).eval()
     tmp = Path(tempfile.mkdtemp())
     hf.save_pretrained(str(tmp))
-    model = models.from_pretrained(tmp, dtype=getattr(jnp, args.dtype))
+    model = from_pretrained(tmp, dtype=getattr(jnp, args.dtype))
 
     rng = np.random.default_rng(0)
     lengths = rng.integers(16, 33, args.batch)

@@ -4,7 +4,7 @@
 
     cfg = api.load_config("configs/default.yaml", ["train.epochs=2"])   # or api.Config() in code
     for objective in ("distillm2", "kd", "gkd"):
-        run = api.train(cfg.override(**{"objective.name": objective, "run_dir": f"runs/{objective}"}))
+        run = api.train(api.with_overrides(cfg, {"objective.name": objective, "run_dir": f"runs/{objective}"}))
         student = api.restore_student(run.run_dir)
         print(objective, api.nll(student, "heldout_pairs.jsonl", api.load_tokenizer(cfg.model.teacher)))
         api.export(run.run_dir, f"exports/{objective}")
@@ -13,11 +13,12 @@ from __future__ import annotations
 
 from distillm2_jax.config import Config, dump as dump_config, load as load_config, with_overrides
 from distillm2_jax.data.pairs import build_pairs, read_pairs
+from distillm2_jax.data.tokenizer import load_tokenizer
 from distillm2_jax.evaluate import (AcceptanceResult, ExactMatchResult, NLLResult, acceptance_rate, exact_match,
                                     nll, respond)
-from distillm2_jax.generate import generate_file, sample
-from distillm2_jax.models import from_config, from_pretrained, save_pretrained
-from distillm2_jax.train.epoch_data import load_tokenizer
+from distillm2_jax.generation import generate_file, sample
+from distillm2_jax.hf import from_pretrained, save_pretrained
+from distillm2_jax.models import from_config
 from distillm2_jax.train.export import export_run as export, restore_student
 from distillm2_jax.train.loop import RunResult, Trainer, train
 

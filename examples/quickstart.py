@@ -29,7 +29,7 @@ def main() -> None:
     root = Path(args.out or tempfile.mkdtemp(prefix="distillm2-quickstart-"))
     paths = toy.build_toy_models(root)
     prompts = toy.write_toy_prompts(root / "prompts.jsonl", 64)
-    cfg = api.Config().override(**{
+    cfg = api.with_overrides(api.Config(), {
         "run_dir": str(root / "run"), "model.teacher": str(paths["teacher"]), "model.student": str(paths["student"]),
         "model.teacher_dtype": "float32", "model.compute_dtype": "float32",
         "data.prompts": str(prompts), "data.max_length": 64, "data.max_prompt_length": 32,
@@ -46,9 +46,9 @@ def main() -> None:
     after = api.nll(api.restore_student(run.run_dir), str(teacher_pairs), tokenizer, **kw)
     out = api.export(run.run_dir, root / "export")
 
-    from transformers import AutoConfig, AutoTokenizer
-    AutoConfig.from_pretrained(str(out))      # transformers reads the exported folder
-    AutoTokenizer.from_pretrained(str(out))
+    from transformers import AutoConfig
+    AutoConfig.from_pretrained(str(out), local_files_only=True)   # transformers reads the exported folder
+    api.load_tokenizer(out)
     reloaded = api.from_pretrained(out)
     ids = np.array([tokenizer.encode("red cat sort")])
     same = np.allclose(np.asarray(reloaded(ids)), np.asarray(api.restore_student(run.run_dir)(ids)), atol=1e-5)

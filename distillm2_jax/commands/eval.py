@@ -90,8 +90,9 @@ def run(args) -> int:
 
     from distillm2_jax import models
     from distillm2_jax.data.eval_records import read_eval_records
+    from distillm2_jax.data.tokenizer import load_tokenizer
     from distillm2_jax.errors import UserError
-    from distillm2_jax.train.epoch_data import load_tokenizer
+    from distillm2_jax.hf import from_pretrained
 
     if args.samples < 0:
         raise UserError(f"--samples must be 0 or more, got {args.samples}")
@@ -103,8 +104,8 @@ def run(args) -> int:
         raise UserError(f"{args.data}: --teacher needs records with a reference response (`chosen` or `response`)")
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     dtype = getattr(jnp, args.dtype)
-    model = models.from_pretrained(args.model, dtype=dtype)
-    teacher = models.from_pretrained(args.teacher, dtype=dtype) if args.teacher else None
+    model = from_pretrained(args.model, dtype=dtype)
+    teacher = from_pretrained(args.teacher, dtype=dtype) if args.teacher else None
     models.align_vocab(len(tokenizer), *([model] + ([teacher] if teacher else [])))
     result = evaluate_records(model, records, tokenizer, teacher=teacher, checker=args.checker,
                               samples=args.samples, max_new_tokens=args.max_new_tokens, max_length=args.max_length,

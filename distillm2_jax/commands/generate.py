@@ -80,8 +80,11 @@ def run(args: argparse.Namespace) -> int:
 
     import jax.numpy as jnp
 
-    from distillm2_jax import distributed, generate, models
+    from distillm2_jax import distributed
+    from distillm2_jax.data.tokenizer import load_tokenizer
     from distillm2_jax.errors import UserError
+    from distillm2_jax.generation import generate_file
+    from distillm2_jax.hf import from_pretrained
 
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
 
@@ -92,17 +95,12 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--top-p must be in (0, 1]")
     if args.temperature < 0 or args.top_k < 0:
         raise UserError("--temperature and --top-k must be >= 0")
-    tok_dir = args.tokenizer or args.model
-    if not os.path.isdir(tok_dir):
-        raise UserError(f"{tok_dir}: not a folder (tokenizer)")
-    from distillm2_jax.train.epoch_data import load_tokenizer
-
-    tokenizer = load_tokenizer(tok_dir)  # local files only, no remote code; any failure names the folder
+    tokenizer = load_tokenizer(args.tokenizer or args.model)  # local files only; failures name the folder
     mesh = parse_mesh(args.mesh)
     if mesh is not None and mesh.size == 1:
         mesh = None  # one device: nothing to shard
-    model = models.from_pretrained(args.model, dtype=getattr(jnp, args.dtype), mesh=mesh)
-    summary = generate.generate_file(
+    model = from_pretrained(args.model, dtype=getattr(jnp, args.dtype), mesh=mesh)
+    summary = generate_file(
         model, args.prompts, args.out, tokenizer=tokenizer, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         max_prompt_length=args.max_prompt_length, seed=args.seed, batch_size=args.batch_size,

@@ -28,9 +28,9 @@ def register(subparsers) -> None:
 def run(args) -> int:
     import jax.numpy as jnp
 
-    from distillm2_jax import models
+    from distillm2_jax.hf import from_pretrained
 
-    model = models.from_pretrained(args.model, dtype=getattr(jnp, args.dtype))
+    model = from_pretrained(args.model, dtype=getattr(jnp, args.dtype))
     cfg = model.config
     print(f"{args.model}: {cfg.model_type}, {cfg.num_params() / 1e6:.1f}M parameters")
     for field in dataclasses.fields(cfg):

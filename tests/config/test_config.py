@@ -7,7 +7,7 @@ from distillm2_jax import config
 from distillm2_jax.config import Config, ConfigError
 from distillm2_jax.errors import UserError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MODELS = ["model.teacher=t", "model.student=s"]
 
 
@@ -44,18 +44,19 @@ def test_defaults_are_the_papers():
 def test_choices_match_the_modules_that_use_them():
     import typing
 
-    from distillm2_jax import curriculum, losses
-    from distillm2_jax.models import decoder
+    from distillm2_jax import objectives
+    from distillm2_jax.objectives import curriculum
+    from distillm2_jax.models import decoder, layer
 
     def choices(section, name):
         return typing.get_args(section.model_fields[name].annotation)
 
-    assert choices(config.ObjectiveSection, "name") == losses.OBJECTIVES
-    assert choices(config.ObjectiveSection, "reduction") == losses.REDUCTIONS
-    assert choices(config.ObjectiveSection, "normalization") == losses.NORMALIZATIONS
+    assert choices(config.ObjectiveSection, "name") == objectives.NAMES
+    assert choices(config.ObjectiveSection, "reduction") == objectives.REDUCTIONS
+    assert choices(config.ObjectiveSection, "normalization") == objectives.NORMALIZATIONS
     assert choices(config.ObjectiveSection, "beta_schedule") == curriculum.B_SCHEDULES
     assert set(choices(config.ModelSection, "remat")) == set(decoder.REMAT_POLICIES)
-    assert config.LORA_TARGETS == decoder.LORA_TARGETS
+    assert config.LORA_TARGETS == layer.LORA_TARGETS
 
 
 def test_default_yaml_lists_every_key_at_its_default():
@@ -91,16 +92,25 @@ def test_yaml_file_and_overrides(tmp_path):
     assert config.load(None, ["model.teacher=123", "model.student=true"]).model.student == "true"
 
 
-def test_override_and_with_overrides_return_new_validated_configs():
+def test_with_overrides_takes_strings_or_a_mapping_and_returns_a_new_validated_config():
     cfg = Config()
-    new = cfg.override(**{"train.epochs": 2}, lora={"enabled": True, "rank": 8}, seed=7)
+    new = config.with_overrides(cfg, {"train.epochs": 2, "lora": {"enabled": True, "rank": 8}, "seed": 7})
     assert (new.train.epochs, new.lora.enabled, new.lora.rank, new.lora.alpha, new.seed) == (2, True, 8, 128, 7)
     assert cfg.train.epochs == 3 and cfg.lora.enabled is False  # unchanged
     assert config.with_overrides(new, ["optim.lr=2e-5"]).optim.lr == 2e-5
-    assert cfg.override(model={"student": Path("/a/b")}).model.student == "/a/b"
-    assert "train.epochs: expected an integer, got 'x'" in error_of(cfg.override, **{"train.epochs": "x"})
+    assert config.with_overrides(new, "optim.lr=2e-5").optim.lr == 2e-5  # one string is one override
+    assert config.with_overrides(cfg, {"model": {"student": Path("/a/b")}}).model.student == "/a/b"
+    assert config.with_overrides(cfg, {"lora": config.LoraSection(rank=4)}).lora.rank == 4
+    msg = error_of(config.with_overrides, cfg, {"train.epochs": "x"})
+    assert "train.epochs: expected an integer, got 'x' (from override train.epochs='x')" in msg
     msg = error_of(config.with_overrides, cfg, ["train.micro_batch=3"])
     assert "train.micro_batch: must divide train.global_batch (128), got 3" in msg
+    assert "(from override train.micro_batch=3)" in msg
+    assert "expected a KEY=VALUE string" in error_of(config.with_overrides, cfg, [("train.epochs", 2)])
+    assert "is not a dotted key" in error_of(config.with_overrides, cfg, {"train..epochs": 2})
+    # the same overrides give the same Config through `load` and `with_overrides`
+    strings = MODELS + ["train={global_batch: 64, micro_batch: 16}", "optim.lr=1e-4"]
+    assert config.load(None, strings) == config.with_overrides(Config(), strings)
 
 
 @pytest.mark.parametrize("override, expected", [
@@ -229,4 +239,4 @@ def test_configs_are_immutable_and_compare_by_value():
     cfg = Config()
     with pytest.raises(Exception):
         cfg.seed = 3
-    assert cfg == Config() and cfg != cfg.override(seed=1)
+    assert cfg == Config() and cfg != config.with_overrides(cfg, {"seed": 1})

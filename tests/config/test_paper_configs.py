@@ -9,7 +9,7 @@ import pytest
 
 from distillm2_jax import config
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 # file -> (teacher folder, student folder, Algorithm 1 epochs: 3 instruction following, 2 code/math)
 PAPER_SETUPS = {

@@ -13,13 +13,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from distillm2_jax import generate, models
+from distillm2_jax import generation
 from distillm2_jax import sharding as shd
 from distillm2_jax.cli import main
 from distillm2_jax.data.batches import make_batch
 from distillm2_jax.data.generations import read_generations, tokenizer_fingerprint
 from distillm2_jax.data.pairs import build_pairs, read_pairs
 from distillm2_jax.errors import UserError
+from distillm2_jax.generation import sampler
+from distillm2_jax.hf import from_pretrained
 from distillm2_jax.sampling import GREEDY, generate_batch, stop_id_array
 from tests.tiny_models import VOCAB, build_hf_model
 from tests.tiny_tokenizer import EOS_ID, tiny_tokenizer, tiny_tokenizer_dir  # noqa: F401
@@ -51,7 +53,7 @@ def tiny(tmp_path_factory):
         if family not in built:
             d = tmp_path_factory.mktemp(family)
             hf = build_hf_model(family, d, initializer_range=0.2)
-            built[family] = (d, hf, models.from_pretrained(d, dtype=jnp.float32))
+            built[family] = (d, hf, from_pretrained(d, dtype=jnp.float32))
         return built[family]
 
     return get
@@ -78,7 +80,7 @@ def hf_greedy(hf, prompts, n=N, eos=2):
 
 
 def greedy(model, prompts, eos_ids=(2,), **kw):
-    return generate.sample(model, prompts, max_new_tokens=N, temperature=0.0, eos_ids=eos_ids,
+    return generation.sample(model, prompts, max_new_tokens=N, temperature=0.0, eos_ids=eos_ids,
                            batch_size=4, **kw)
 
 
@@ -154,19 +156,19 @@ def test_sharded_batch_on_8_devices_gives_the_same_tokens(tiny):
     assert jax.device_count() == 8, "tests/conftest.py sets 8 fake CPU devices"
     d, _, model = tiny("qwen2")
     mesh = shd.make_mesh((2, 2, 2))   # batch over data x fsdp = 4; weights over fsdp and tensor
-    sharded = models.from_pretrained(d, dtype=jnp.float32, mesh=mesh)
+    sharded = from_pretrained(d, dtype=jnp.float32, mesh=mesh)
     prompts = random_prompts()
     ref = greedy(model, prompts)
     got = greedy(sharded, prompts, mesh=mesh)
     assert [(r.tokens, r.finish_reason) for r in got] == [(r.tokens, r.finish_reason) for r in ref]
     # the same compiled program, called directly: its outputs are split over the batch axes
     ids, mask = left_pad(prompts[:4], 16)
-    out = generate_batch(sharded.params(), sharded.config, generate._put(ids, ("batch", "length"), mesh),
-                         generate._put(mask, ("batch", "length"), mesh),
-                         generate._put(jax.random.key(0), (), mesh), max_new_tokens=N,
-                         stop_ids=generate._put(stop_id_array([2]), (), mesh),
-                         row_ids=generate._put(np.arange(4, dtype=np.uint32), ("batch",), mesh),
-                         real=generate._put(np.ones(4, bool), ("batch",), mesh), mesh=mesh)
+    out = generate_batch(sharded.params(), sharded.config, sampler._put(ids, ("batch", "length"), mesh),
+                         sampler._put(mask, ("batch", "length"), mesh),
+                         sampler._put(jax.random.key(0), (), mesh), max_new_tokens=N,
+                         stop_ids=sampler._put(stop_id_array([2]), (), mesh),
+                         row_ids=sampler._put(np.arange(4, dtype=np.uint32), ("batch",), mesh),
+                         real=sampler._put(np.ones(4, bool), ("batch",), mesh), mesh=mesh)
     assert out.tokens.sharding.spec[0] == ("data", "fsdp")
     assert len(out.tokens.addressable_shards) == 8
     assert np.asarray(out.tokens)[:, 0].tolist() == [r.tokens[0] for r in ref[:4]]
@@ -189,9 +191,9 @@ def lm(tmp_path_factory, tiny_tokenizer):  # noqa: F811
     build_hf_model("qwen2", d, vocab_size=len(tiny_tokenizer), initializer_range=0.2)
     src = root / "prompts.jsonl"
     src.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
-    model = models.from_pretrained(d, dtype=jnp.float32)
+    model = from_pretrained(d, dtype=jnp.float32)
     ref = root / "reference.jsonl"
-    generate.generate_file(model, str(src), ref, tokenizer=tiny_tokenizer, model_name=str(d),
+    generation.generate_file(model, str(src), ref, tokenizer=tiny_tokenizer, model_name=str(d),
                            progress=False, **SAMPLING)
     return d, model, src, ref
 
@@ -203,14 +205,14 @@ def test_seeds_reproduce_and_differ(lm, tiny_tokenizer):  # noqa: F811
     tps = load_templated_prompts(str(src), tiny_tokenizer, max_prompt_length=48)
     ids, rids = [t.input_ids for t in tps], [t.id for t in tps]
     kw = dict(max_new_tokens=10, temperature=1.0, top_p=0.95, eos_ids=[EOS_ID], batch_size=3)
-    a = generate.sample(model, ids, seed=7, row_ids=rids, **kw)
-    b = generate.sample(model, ids, seed=7, row_ids=rids, **kw)
-    c = generate.sample(model, ids, seed=8, row_ids=rids, **kw)
+    a = generation.sample(model, ids, seed=7, row_ids=rids, **kw)
+    b = generation.sample(model, ids, seed=7, row_ids=rids, **kw)
+    c = generation.sample(model, ids, seed=8, row_ids=rids, **kw)
     assert a == b
     assert sum(x.tokens != y.tokens for x, y in zip(a, c)) >= len(a) - 1
     # a row's sample depends on (seed, row id, prompt), not on its batch or position
     order = [6, 5, 4, 3, 2, 1, 0]
-    d = generate.sample(model, [ids[i] for i in order], seed=7, row_ids=[rids[i] for i in order], **kw)
+    d = generation.sample(model, [ids[i] for i in order], seed=7, row_ids=[rids[i] for i in order], **kw)
     assert [d[order.index(i)].tokens for i in range(len(ids))] == [x.tokens for x in a]
 
 
@@ -231,7 +233,7 @@ def test_generate_file_records(lm, tiny_tokenizer):  # noqa: F811
         assert r["tokenizer"] == tokenizer_fingerprint(tiny_tokenizer)
     assert [g.response_ids for g in recs] == [r["response_ids"] for r in raw]
     assert raw[-1]["prompt_tokens"] == 48   # the long prompt kept its last 48 tokens
-    meta = json.loads(generate.meta_path(ref).read_text())
+    meta = json.loads(generation.meta_path(ref).read_text())
     assert meta["args"]["seed"] == 7 and meta["args"]["num_prompts"] == len(PROMPTS)
 
 
@@ -248,7 +250,7 @@ def test_sampled_non_canonical_ids_stay_as_sampled_in_training_labels(
     batch = make_batch(pairs, tiny_tokenizer, max_length=64, max_prompt_length=48, layout="shared_prompt")
     for i, g in enumerate(gens):
         for half in (0, 1):
-            labels = batch["labels"][half, i]
+            labels = batch["labels"][i, half]
             assert labels[labels != -100].tolist() == g.response_ids + [EOS_ID]
 
 
@@ -260,12 +262,12 @@ def test_restart_after_interruption_gives_the_uninterrupted_rows(lm, tiny_tokeni
     # (1) killed while writing: 4 complete rows (mid-batch) and half a line
     part = tmp_path / "part.jsonl"
     part.write_text("".join(lines[:4]) + lines[4][:25])
-    generate.meta_path(part).write_text(generate.meta_path(ref).read_text())
-    s = generate.generate_file(model, str(src), part, **kw)
+    generation.meta_path(part).write_text(generation.meta_path(ref).read_text())
+    s = generation.generate_file(model, str(src), part, **kw)
     assert (s.rows_existing, s.rows_written) == (4, 3)
     assert part.read_bytes() == ref.read_bytes()
     # nothing left to do on a complete file
-    s = generate.generate_file(model, str(src), part, **kw)
+    s = generation.generate_file(model, str(src), part, **kw)
     assert s.rows_written == 0 and part.read_bytes() == ref.read_bytes()
 
     # (2) an exception after the first batch was written, then a rerun
@@ -284,32 +286,32 @@ def test_restart_after_interruption_gives_the_uninterrupted_rows(lm, tiny_tokeni
     crash = tmp_path / "crash.jsonl"
     monkeypatch.setattr(tiny_tokenizer, "batch_decode", flaky)
     with pytest.raises(Interrupted):
-        generate.generate_file(model, str(src), crash, **kw)
+        generation.generate_file(model, str(src), crash, **kw)
     monkeypatch.undo()
     assert crash.read_text() == "".join(lines[:3])
-    generate.generate_file(model, str(src), crash, **kw)
+    generation.generate_file(model, str(src), crash, **kw)
     assert crash.read_bytes() == ref.read_bytes()
 
     # (3) other arguments: refused, unless overwrite
     with pytest.raises(UserError, match=r"seed: 7 -> 8.*--overwrite"):
-        generate.generate_file(model, str(src), crash, **{**kw, "seed": 8})
-    s = generate.generate_file(model, str(src), crash, overwrite=True, **{**kw, "seed": 8})
+        generation.generate_file(model, str(src), crash, **{**kw, "seed": 8})
+    s = generation.generate_file(model, str(src), crash, overwrite=True, **{**kw, "seed": 8})
     assert s.rows_written == len(PROMPTS) and crash.read_bytes() != ref.read_bytes()
     # (4) a file that was not made by generate
     alien = tmp_path / "alien.jsonl"
     alien.write_text(lines[0])
     with pytest.raises(UserError, match="meta.json"):
-        generate.generate_file(model, str(src), alien, **kw)
+        generation.generate_file(model, str(src), alien, **kw)
     # (5) a damaged file or sidecar: a one-line error naming it, never a traceback
-    meta = generate.meta_path(ref).read_text()
+    meta = generation.meta_path(ref).read_text()
     for name, body, sidecar in (("deep", b"[" * 100_000 + b"\n", meta),
                                 ("bytes", lines[0].encode() + b"\xff\xfe\n", meta),
                                 ("sidecar", lines[0].encode(), "[" * 100_000)):
         bad = tmp_path / f"{name}.jsonl"
         bad.write_bytes(body)
-        generate.meta_path(bad).write_text(sidecar)
+        generation.meta_path(bad).write_text(sidecar)
         with pytest.raises(UserError, match=str(bad.name)):
-            generate.generate_file(model, str(src), bad, **kw)
+            generation.generate_file(model, str(src), bad, **kw)
 
 
 def test_cli_generate_writes_the_same_file_and_refuses_other_arguments(

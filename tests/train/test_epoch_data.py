@@ -16,9 +16,7 @@ def _data(tmp_path, max_new_tokens):
 
 
 def test_generation_longer_than_the_response_budget_is_reported_once(tmp_path, monkeypatch):
-    import distillm2_jax.generate
-
-    monkeypatch.setattr(distillm2_jax.generate, "generate_file", lambda *a, **k: None)
+    monkeypatch.setattr(epoch_data, "generate_file", lambda *a, **k: None)
     data, logs = _data(tmp_path, max_new_tokens=24)        # 24 + end-of-turn > 48 - 24
     data._generate(None, tmp_path / "t.jsonl", seed=0, what="teacher")
     data._generate(None, tmp_path / "s.jsonl", seed=1, what="epoch 1 student")
@@ -46,7 +44,7 @@ def _non_canonical(tok, text):
 
 def _forced_sampler(tok, responses):
     """An `iter_sample` that 'samples' the given id lists (then EOS) for the prompts in order."""
-    from distillm2_jax.generate import FINISH_STOP, Result
+    from distillm2_jax.generation import FINISH_STOP, Result
     from tests.tiny_tokenizer import EOS_ID
 
     def iter_sample(model, prompt_ids, *, batch_size, start_batch=0, **_):
@@ -62,9 +60,9 @@ def test_teacher_responses_and_generated_student_ids_reach_the_training_labels(
 
     import numpy as np
 
-    import distillm2_jax.generate as generate
     from distillm2_jax.data.generations import make_generation_record, tokenizer_fingerprint
     from distillm2_jax.errors import UserError
+    from distillm2_jax.generation import driver
     from distillm2_jax.models.config import ModelConfig
     from tests.tiny_tokenizer import EOS_ID
 
@@ -84,7 +82,7 @@ def test_teacher_responses_and_generated_student_ids_reach_the_training_labels(
         f"run_dir={tmp_path / 'run'}", f"data.prompts={tmp_path / 'prompts.jsonl'}",
         f"data.teacher_responses={teacher_file}", "data.max_length=96", "data.max_prompt_length=48",
         "generation.max_new_tokens=40", "train.global_batch=2"])
-    monkeypatch.setattr(generate, "iter_sample", _forced_sampler(tok, s_ids))
+    monkeypatch.setattr(driver, "iter_sample", _forced_sampler(tok, s_ids))
     student = ({"embed": np.zeros((1, 1), np.float32)},   # never run: the sampler is forced
                ModelConfig(model_type="qwen2", vocab_size=len(tok), hidden_size=1, intermediate_size=1,
                            num_layers=1, num_heads=1, num_kv_heads=1, head_dim=1, rms_norm_eps=1e-6,
@@ -99,7 +97,7 @@ def test_teacher_responses_and_generated_student_ids_reach_the_training_labels(
     got = {}
     for i in range(2):
         for half, name in ((0, "chosen"), (1, "rejected")):
-            labels = batch["labels"][half, i]
+            labels = batch["labels"][i, half]
             got.setdefault(name, []).append(labels[labels != -100].tolist())
     assert sorted(got["chosen"]) == sorted(ids + [EOS_ID] for ids in t_ids)      # the loader shuffles
     assert sorted(got["rejected"]) == sorted(ids + [EOS_ID] for ids in s_ids)
@@ -122,8 +120,8 @@ def test_teacher_only_objectives_sample_no_student_responses(tmp_path, monkeypat
     """KD and SeqKD never read the student rows: no student sampling in any epoch."""
     import json
 
-    import distillm2_jax.generate as generate
     from distillm2_jax.data.generations import make_generation_record
+    from distillm2_jax.generation import driver
 
     prompts = ["Write a short poem about the sea.", "Name a colour."]
     teacher_file = tmp_path / "teacher.jsonl"
@@ -139,7 +137,7 @@ def test_teacher_only_objectives_sample_no_student_responses(tmp_path, monkeypat
     def no_sampling(*a, **k):
         raise AssertionError("sampled student responses for an objective that never reads them")
 
-    monkeypatch.setattr(generate, "iter_sample", no_sampling)
+    monkeypatch.setattr(driver, "iter_sample", no_sampling)
     logs = []
     data = epoch_data.EpochData(cfg, tiny_tokenizer, log=logs.append)
     for epoch in range(2):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from distillm2_jax import config as config_lib
-from distillm2_jax import curriculum
+from distillm2_jax.objectives import curriculum
 from distillm2_jax.errors import UserError
 from distillm2_jax.train.checkpoint import Checkpointer
 from distillm2_jax.train.export import restore_student
@@ -197,8 +197,8 @@ def test_lora_run_exports_merged_student_loadable_by_transformers(tiny, tmp_path
 
 
 def _base_params(path):
-    from distillm2_jax import models
-    return jax.tree.map(np.asarray, models.from_pretrained(path).params())
+    from distillm2_jax.hf.load import from_pretrained
+    return jax.tree.map(np.asarray, from_pretrained(path).params())
 
 
 def test_missing_model_path_is_one_clear_line(tiny, tmp_path, capsys):

@@ -6,9 +6,11 @@ import numpy as np
 import optax
 import pytest
 
-from distillm2_jax import curriculum, losses, models
+from distillm2_jax import models, objectives
+from distillm2_jax.objectives import curriculum
 from distillm2_jax.models import decoder
-from distillm2_jax.train.step import (Batch, StepConfig, StepInputs, TrainState, measure_gaps, micro_loss,
+from distillm2_jax.train.batch import Batch
+from distillm2_jax.train.step import (StepConfig, StepInputs, TrainState, measure_gaps, micro_loss,
                                       teacher_sequence_logprobs, train_step)
 from tests.tiny_models import hf_config
 
@@ -68,7 +70,7 @@ def _models():
 
 @pytest.mark.parametrize("family", ["qwen2", "gemma2"])
 def test_step_loss_and_gradient_equal_the_rows_layout_reference(family):
-    """The shared-prompt step (prompts run once per pair) = `losses.objective` on full logits of
+    """The shared-prompt step (prompts run once per pair) = `objectives.objective` on full logits of
     the [prompt | response] rows, in value and gradient; gemma2 adds windows and soft-caps."""
     student = models.from_config(hf_config(family, initializer_range=0.2), seed=0)
     teacher = models.from_config(hf_config(family, hidden_size=96, initializer_range=0.2), seed=1)
@@ -84,7 +86,7 @@ def test_step_loss_and_gradient_equal_the_rows_layout_reference(family):
         def logits(params, config):
             h, _ = decoder.forward(params, config, rows, row_mask)
             return models.logits_from_hidden(params, config, h)
-        return losses.objective("distillm2", logits(p, student.config), logits(teacher.params(), teacher.config),
+        return objectives.objective("distillm2", logits(p, student.config), logits(teacher.params(), teacher.config),
                                 row_labels, num_pairs=B, alpha=0.1, beta=0.3)[0]
 
     ref_loss, ref_grads = jax.jit(jax.value_and_grad(reference))(student.params())
@@ -119,7 +121,7 @@ def test_micro_batches_give_the_whole_batch_step(reduction, objective):
         got, m = step(num_micro)
         np.testing.assert_allclose(m["loss"], m1["loss"], rtol=1e-5)
         assert int(m["tokens"]) == int(m1["tokens"])
-        for k in losses.ADDITIVE_METRICS & m.keys():
+        for k in objectives.ADDITIVE_METRICS & m.keys():
             np.testing.assert_allclose(m[k], m1[k], rtol=3e-5, atol=1e-7, err_msg=k)
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(whole)):
             np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * max(1.0, float(np.abs(b).max())))
@@ -127,12 +129,12 @@ def test_micro_batches_give_the_whole_batch_step(reduction, objective):
 
 def test_loss_denominators_count_over_micro_batches():
     _, (_, _, labels) = _batch()
-    tok = losses.loss_denominators(jnp.asarray(labels), B, "token")
-    seq = losses.loss_denominators(_split(labels, 2, halves=True), B // 2, "sequence")
+    tok = objectives.loss_denominators(jnp.asarray(labels), B, "token")
+    seq = objectives.loss_denominators(_split(labels, 2, halves=True), B // 2, "sequence")
     assert float(tok["tgo"]) == 14 + 2 + 9 + 5 and float(tok["sgo"]) == 3 + 11 + 0 + 16
     assert (float(seq["tgo"]), float(seq["sgo"]), float(seq["all"]), float(seq["pairs"])) == (4, 3, 7, 3)
     with pytest.raises(ValueError, match="reduction"):
-        losses.loss_denominators(jnp.asarray(labels), B, "mean")
+        objectives.loss_denominators(jnp.asarray(labels), B, "mean")
 
 
 def test_teacher_logprobs_given_to_the_step_equal_computing_them_inside_it():

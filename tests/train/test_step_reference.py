@@ -16,10 +16,11 @@ import numpy as np
 import optax
 import pytest
 
-from distillm2_jax import models
+from distillm2_jax.hf.load import from_pretrained
 from distillm2_jax.train import epoch_data
 from distillm2_jax.train.loop import Trainer
-from distillm2_jax.train.step import Batch, StepInputs, TrainState
+from distillm2_jax.train.batch import Batch
+from distillm2_jax.train.step import StepInputs, TrainState
 from tests.tiny_models import build_hf_model
 from tests.tiny_run import tiny_config
 from tests.tiny_tokenizer import EOS_ID, VOCAB_SIZE, build_tiny_tokenizer
@@ -186,7 +187,7 @@ def _batch(trainer, epoch, ref_tokens):
         order.append(j)
         for half in range(2):
             resp = ref_tokens[j][1 + half]
-            ids, mask, lab = (local[k][half, i] for k in ("response_ids", "response_mask", "labels"))
+            ids, mask, lab = (local[k][i, half] for k in ("response_ids", "response_mask", "labels"))
             assert ids[mask == 1].tolist() == resp and lab[lab != -100].tolist() == resp
             assert (lab[:len(resp)] == resp).all()
     assert sorted(order) == list(range(len(PROMPTS)))
@@ -292,7 +293,7 @@ def test_curriculum_step_loss_and_gradient(run, reference):
         for n, p in d_model.named_parameters():
             p.copy_(d[n].float())
     d_model.save_pretrained(str(run["root"] / "direction"))
-    d_jax = models.from_pretrained(str(run["root"] / "direction"), dtype=jnp.float32).params()
+    d_jax = from_pretrained(str(run["root"] / "direction"), dtype=jnp.float32).params()
     assert jax.tree.structure(d_jax) == jax.tree.structure(grads)
     analytic = sum(float(np.vdot(g, np.asarray(x, np.float64)))
                    for g, x in zip(jax.tree.leaves(grads), jax.tree.leaves(d_jax)))

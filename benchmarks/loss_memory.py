@@ -1,9 +1,9 @@
 """Peak memory and time of the unchunked vs chunked DistiLLM-2 loss, forward + backward, on CPU.
 
 Each variant runs in its own subprocess (so ``ru_maxrss`` is that variant's own peak):
-  * unchunked: logits ``h @ W`` materialised as [2B, T, V] float32, then ``losses.objective``;
-  * chunked:   ``losses.chunked_objective`` (grad_mode="fused"), never [2B, T, V];
-  * remat:     ``losses.chunked_objective`` (grad_mode="remat", recompute in the backward pass).
+  * unchunked: logits ``h @ W`` materialised as [2B, T, V] float32, then ``objectives.objective``;
+  * chunked:   ``objectives.chunked_objective`` (grad_mode="fused"), never [2B, T, V];
+  * remat:     ``objectives.chunked_objective`` (grad_mode="remat", recompute in the backward pass).
 All take ``jax.value_and_grad`` w.r.t. the student hidden states and head, inside one ``jax.jit``.
 
 Peak memory is reported two ways: (1) measured: after the inputs exist and the step is compiled,
@@ -50,7 +50,7 @@ def worker(args) -> dict:
     import jax.numpy as jnp
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-    from distillm2_jax import losses
+    from distillm2_jax import objectives
 
     n, t, h, v = 2 * args.pairs, args.seq, args.hidden, args.vocab
     dtype = jnp.dtype(args.dtype)
@@ -76,12 +76,12 @@ def worker(args) -> dict:
         def loss(hs, ws, ht, wt, lab):
             zs = jnp.einsum("nth,hv->ntv", hs, ws, preferred_element_type=jnp.float32)
             zt = jnp.einsum("nth,hv->ntv", ht, wt, preferred_element_type=jnp.float32)
-            return losses.objective(args.objective, zs, zt, lab, **kw)
+            return objectives.objective(args.objective, zs, zt, lab, **kw)
     else:
         mode = "fused" if args.worker == "chunked" else "remat"
 
         def loss(hs, ws, ht, wt, lab):
-            return losses.chunked_objective(args.objective, hs, ws, ht, wt, lab,
+            return objectives.chunked_objective(args.objective, hs, ws, ht, wt, lab,
                                             chunk_size=args.chunk_size, grad_mode=mode, **kw)
 
     step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))

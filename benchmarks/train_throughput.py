@@ -101,7 +101,7 @@ def make_batch(pairs: int, seq: int, prompt: int, vocab: int, seed: int = 0):
 
 def shared_prompt_batch(ids, pairs: int, prompt: int) -> dict:
     """The same pairs collated as the trainer's loader does (`collate_shared_prompts`): each
-    prompt stored once (rows b and B + b share theirs), responses [2, B, T - P]."""
+    prompt stored once (rows b and B + b share theirs), responses [B, 2, T - P]."""
     from distillm2_jax.data.batches import TokenizedPair, collate_shared_prompts
 
     tokenized = [TokenizedPair(ids[b, :prompt], ids[b, prompt:], ids[pairs + b, prompt:]) for b in range(pairs)]
@@ -266,20 +266,21 @@ def ours_worker(spec: dict) -> None:
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from distillm2_jax import losses, models
+    from distillm2_jax import models, objectives
     from distillm2_jax import sharding as shd
     from distillm2_jax.config import OptimSection
+    from distillm2_jax.hf import from_pretrained
     from distillm2_jax.models import decoder
     from distillm2_jax.train.optimizer import make_optimizer
-    from distillm2_jax.train.loop import _batch_shardings, _micro_batches, _to_global
-    from distillm2_jax.train.step import (StepConfig, StepInputs, TrainState, loss_labels, pair_hidden,
+    from distillm2_jax.train.batch import loss_labels, micro_batches, shardings, to_global
+    from distillm2_jax.train.step import (StepConfig, StepInputs, TrainState, pair_hidden,
                                           teacher_sequence_logprobs, train_step)
 
     t0 = time.perf_counter()
     mesh = shd.make_mesh((-1, 1, 1))
     if spec.get("load_dir"):
-        student = models.from_pretrained(Path(spec["load_dir"]) / "student", dtype=jnp.float32, mesh=mesh)
-        teacher = models.from_pretrained(Path(spec["load_dir"]) / "teacher", dtype=jnp.float32, mesh=mesh)
+        student = from_pretrained(Path(spec["load_dir"]) / "student", dtype=jnp.float32, mesh=mesh)
+        teacher = from_pretrained(Path(spec["load_dir"]) / "teacher", dtype=jnp.float32, mesh=mesh)
     else:
         student = models.from_config(spec["student"], seed=spec["seed"], dtype=jnp.float32, mesh=mesh)
         teacher = models.from_config(spec["teacher"], seed=spec["seed"] + 1, dtype=jnp.float32, mesh=mesh)
@@ -297,18 +298,18 @@ def ours_worker(spec: dict) -> None:
     replicated = NamedSharding(mesh, P())
 
     def step(state, frozen, teacher, batch, inputs):
-        return train_step(state, frozen, teacher, _micro_batches(batch, 1, mesh), inputs, cfg=cfg, tx=tx)
+        return train_step(state, frozen, teacher, micro_batches(batch, 1, mesh), inputs, cfg=cfg, tx=tx)
 
     step_jit = jax.jit(step, in_shardings=(state_sh, jax.tree.map(lambda x: x.sharding, frozen),
                                            jax.tree.map(lambda x: x.sharding, teacher_params),
-                                           _batch_shardings(mesh), replicated),
+                                           shardings(mesh), replicated),
                        out_shardings=(state_sh, replicated), donate_argnums=(0,))
     ids, _, _ = make_batch(spec["pairs"], spec["seq"], spec["prompt"], spec["student"]["vocab_size"])
-    batch = _to_global(shared_prompt_batch(ids, spec["pairs"], spec["prompt"]), mesh)
+    batch = to_global(shared_prompt_batch(ids, spec["pairs"], spec["prompt"]), mesh)
 
     # The teacher's per-sequence log-probs, which the trainer computes once per epoch (with m) and
     # passes to every step of the epoch: the step's curriculum gap pass runs the student's head only.
-    teacher_logps = jax.jit(lambda tp, b: teacher_sequence_logprobs(tp, _micro_batches(b, 1, mesh), cfg=cfg),
+    teacher_logps = jax.jit(lambda tp, b: teacher_sequence_logprobs(tp, micro_batches(b, 1, mesh), cfg=cfg),
                             out_shardings=replicated)(teacher_params, batch)
     no_teacher_logps = jnp.zeros_like(teacher_logps)
 
@@ -338,7 +339,7 @@ def ours_worker(spec: dict) -> None:
     def profile():
         """Time each piece of the step as its own jitted function (each after a compile run)."""
         dtype = spec["dtype"]
-        micro = jax.tree.map(lambda x: x[0], jax.jit(lambda b: _micro_batches(b, 1, mesh))(batch))
+        micro = jax.tree.map(lambda x: x[0], jax.jit(lambda b: micro_batches(b, 1, mesh))(batch))
         lab2 = loss_labels(micro.labels)
         sp = state.trainable
         scfg, tcfg = cfg.student, cfg.teacher
@@ -363,7 +364,7 @@ def ours_worker(spec: dict) -> None:
         wt = decoder.output_head(teacher_params, tcfg)
 
         def loss_of(hs, ws):
-            return losses.chunked_objective(
+            return objectives.chunked_objective(
                 "distillm2", hs, ws, ht, wt, lab2, num_pairs=spec["pairs"], chunk_size=spec["chunk"],
                 alpha=ALPHA, beta=BETA, normalization="authors_code")[0]
         res["loss forward (chunked, from hidden)"] = timed(jax.jit(loss_of), hs, ws)
@@ -382,9 +383,9 @@ def ours_worker(spec: dict) -> None:
             u, o = tx.update(g, o, p)
             return optax.apply_updates(p, u), o
         res["clip + AdamW update (optax)"] = timed(jax.jit(update), sp, state.opt_state, grads)
-        seq = jax.jit(lambda hs, ws: losses.chunked_sequence_logprobs(hs, ws, None, None, lab2, chunk_size=spec["chunk"]))
+        seq = jax.jit(lambda hs, ws: objectives.chunked_sequence_logprobs(hs, ws, None, None, lab2, chunk_size=spec["chunk"]))
         res["curriculum gap pass (on only; student head)"] = timed(seq, hs, ws)
-        both = jax.jit(lambda hs, ws: losses.chunked_sequence_logprobs(hs, ws, ht, wt, lab2, chunk_size=spec["chunk"]))
+        both = jax.jit(lambda hs, ws: objectives.chunked_sequence_logprobs(hs, ws, ht, wt, lab2, chunk_size=spec["chunk"]))
         res["curriculum gap pass, both heads (not run: the teacher's values are per epoch)"] = timed(both, hs, ws)
         return res
 
@@ -445,7 +446,7 @@ class Worker:
         if record:
             self.times.setdefault(flag, []).append(msg["dt"])
             self.cpu.setdefault(flag, []).append(msg["cpu"])
-        self.losses.setdefault(flag, []).append(msg["loss"])
+        self.objectives.setdefault(flag, []).append(msg["loss"])
         return msg["dt"]
 
     def profile(self) -> dict:

@@ -18,23 +18,8 @@ from distillm2_jax import distributed, objectives
 from distillm2_jax.data.batches import check_stored_ids
 from distillm2_jax.data.loader import PairLoader
 from distillm2_jax.data.pairs import build_pairs, read_pairs
-from distillm2_jax.data.records import first_line, read_json_file
 from distillm2_jax.errors import UserError
-
-
-def load_tokenizer(path: str):
-    """The (teacher's) tokenizer from a local folder; never the hub, never remote code."""
-    from transformers import AutoTokenizer
-
-    if not Path(path).is_dir():
-        raise UserError(f"model.tokenizer: {path} is not a folder")
-    try:
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
-    except Exception as err:  # noqa: BLE001 (transformers / tokenizers raise many kinds for a bad file)
-        for name in ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json"):
-            if (Path(path) / name).is_file():  # name the file and line of malformed JSON
-                read_json_file(str(Path(path) / name))
-        raise UserError(f"{path}: cannot load a tokenizer ({first_line(err)})") from None
+from distillm2_jax.generation import generate_file
 
 
 def make_loader(cfg, pairs, tokenizer, epoch: int) -> PairLoader:
@@ -59,8 +44,6 @@ class EpochData:
         self._warned_budget = False
 
     def _generate(self, model, out: Path, *, seed: int, what: str) -> Path:
-        from distillm2_jax.generate import generate_file
-
         g = self.cfg.generation
         if not self.cfg.data.prompts:
             raise UserError(f"data.prompts is required to generate {what} responses "

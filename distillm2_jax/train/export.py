@@ -4,18 +4,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 
 from distillm2_jax import config as config_lib
-from distillm2_jax import models
 from distillm2_jax import sharding as shd
 from distillm2_jax.errors import UserError
+from distillm2_jax.hf.save import save_pretrained
+from distillm2_jax.models.decoder import Decoder
+from distillm2_jax.train import student as student_lib
 from distillm2_jax.train.checkpoint import Checkpointer
+from distillm2_jax.train.loop import init_state
 from distillm2_jax.train.optimizer import make_optimizer
-from distillm2_jax.train.step import TrainState, combine
+from distillm2_jax.train.step import TrainState
 
 
-def restore_student(run_dir: str | Path, *, step: int | None = None, mesh=None) -> models.Decoder:
+def restore_student(run_dir: str | Path, *, step: int | None = None, mesh=None) -> Decoder:
     """The student of `run_dir` at `step` (default: latest checkpoint), LoRA merged."""
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.yaml"
@@ -23,35 +25,29 @@ def restore_student(run_dir: str | Path, *, step: int | None = None, mesh=None) 
         raise UserError(f"{run_dir}: no config.yaml (not a distillm2 run folder)")
     cfg = config_lib.load(cfg_path)
     mesh = mesh or shd.make_mesh(None)
-    base = models.from_pretrained(cfg.model.student, dtype=getattr(jnp, cfg.model.student_dtype), mesh=mesh)
-    params = base.params()
-    frozen: dict = {}
-    if cfg.lora.enabled:
-        from distillm2_jax.models import lora
-        params = lora.add(params, base.config, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
-                          targets=tuple(cfg.lora.targets), key=jax.random.key(cfg.seed), mesh=mesh)
-        params, frozen = lora.split(params)
+    student = student_lib.load(cfg, mesh)
     tx, _ = make_optimizer(cfg.optim, total_steps=1)
-    target = jax.eval_shape(lambda t: TrainState(step=jnp.zeros((), jnp.int32), trainable=t, opt_state=tx.init(t)),
-                            params)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    shardings = jax.tree.map(lambda x: getattr(x, "sharding", replicated), params)
-    target = TrainState(
-        step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
-        trainable=jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target.trainable, shardings),
-        opt_state=jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), target.opt_state))
     ckpt = Checkpointer(run_dir / "checkpoints", async_save=False)
     try:
         if ckpt.latest() is None:
             raise UserError(f"{run_dir / 'checkpoints'}: no complete checkpoint to export")
-        state, _ = ckpt.restore(step, target)
+        state, _ = ckpt.restore(step, _restore_target(student.trainable, tx, mesh))
     finally:
         ckpt.close()
-    params = combine(state.trainable, frozen)
-    if cfg.lora.enabled:
-        from distillm2_jax.models import lora
-        params = lora.merge(params)
-    return models.Decoder(base.config, params, hf_config=base.hf_config)
+    return student.merged(state.trainable)
+
+
+def _restore_target(trainable, tx, mesh) -> TrainState:
+    """Abstract `init_state`: the trainable leaves placed like the freshly loaded ones, the step
+    and optimizer state replicated (export reads only the trainable leaves)."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    shapes = jax.eval_shape(lambda t: init_state(t, tx), trainable)
+
+    def like(shape, array=None):
+        return jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=getattr(array, "sharding", replicated))
+
+    return TrainState(step=like(shapes.step), trainable=jax.tree.map(like, shapes.trainable, trainable),
+                      opt_state=jax.tree.map(like, shapes.opt_state))
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, *, step: int | None = None, dtype=None) -> Path:
@@ -59,5 +55,4 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, step: int | None = N
     run_dir = Path(run_dir)
     cfg = config_lib.load(run_dir / "config.yaml")
     student = restore_student(run_dir, step=step)
-    return models.save_pretrained(student, out_dir, tokenizer=cfg.model.tokenizer or cfg.model.teacher,
-                                  dtype=dtype)
+    return save_pretrained(student, out_dir, tokenizer=cfg.model.tokenizer or cfg.model.teacher, dtype=dtype)

@@ -20,13 +20,18 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from distillm2_jax import curriculum, distributed, models, objectives
+from distillm2_jax import distributed, models, objectives
 from distillm2_jax import sharding as shd
+from distillm2_jax.objectives import curriculum
+from distillm2_jax.data.tokenizer import load_tokenizer
 from distillm2_jax.errors import UserError
+from distillm2_jax.hf.load import from_pretrained
+from distillm2_jax.train import batch as batch_layout
 from distillm2_jax.train import epoch_data
+from distillm2_jax.train import student as student_lib
 from distillm2_jax.train.checkpoint import Checkpointer
 from distillm2_jax.train.optimizer import make_optimizer
-from distillm2_jax.train.step import (Batch, StepConfig, StepInputs, TrainState, combine, measure_gaps,
+from distillm2_jax.train.step import (StepConfig, StepInputs, TrainState, measure_gaps,
                                       teacher_sequence_logprobs, train_step)
 
 
@@ -67,44 +72,6 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-_PROMPT_KEYS = ("prompt_ids", "prompt_mask")
-_RESPONSE_KEYS = ("response_ids", "response_mask", "labels")
-
-
-def _batch_shardings(mesh) -> Batch:
-    """Pairs split over the data axes: prompts [G, P] on axis 0, responses [2, G, R] on axis 1."""
-    prompt = NamedSharding(mesh, P(shd.batch_axes(mesh), None))
-    response = NamedSharding(mesh, P(None, shd.batch_axes(mesh), None))
-    return Batch(*([prompt] * len(_PROMPT_KEYS) + [response] * len(_RESPONSE_KEYS)))
-
-
-def _to_global(local: dict, mesh) -> Batch:
-    """This process's shared-prompt batch (`data.batches.collate_shared_prompts`) -> global arrays."""
-    return Batch(*(jax.make_array_from_process_local_data(sharding, np.asarray(local[k], np.int32))
-                   for k, sharding in zip(_PROMPT_KEYS + _RESPONSE_KEYS, _batch_shardings(mesh))))
-
-
-def _micro_batches(batch: Batch, num_micro: int, mesh) -> Batch:
-    """Prompts [G, P] -> [A, b, P] and responses [2, G, R] -> pair-major [A, 2b, R] (rows 2i,
-    2i + 1 = pair i's chosen, rejected). Micro-batch i holds pairs i, i+A, ..., so each device
-    keeps a slice of every micro-batch, and every reshape keeps a pair on its device."""
-    sharding = NamedSharding(mesh, P(None, shd.batch_axes(mesh), None))
-
-    def prompts(x):
-        g, t = x.shape
-        x = x.reshape(g // num_micro, num_micro, t).transpose(1, 0, 2)
-        return jax.lax.with_sharding_constraint(x, sharding)
-
-    def responses(x):
-        two, g, t = x.shape
-        x = x.reshape(two, g // num_micro, num_micro, t).transpose(2, 1, 0, 3)   # [A, b, 2, R]
-        x = x.reshape(num_micro, two * (g // num_micro), t)
-        return jax.lax.with_sharding_constraint(x, sharding)
-
-    n = len(_PROMPT_KEYS)
-    return Batch(*([prompts(x) for x in batch[:n]] + [responses(x) for x in batch[n:]]))
-
-
 class Trainer:
     """Holds the models, mesh, compiled steps and checkpointer of one run."""
 
@@ -118,30 +85,23 @@ class Trainer:
         if cfg.train.micro_batch_size % ways:
             raise UserError(f"train.micro_batch={cfg.train.micro_batch_size} must be a multiple of the "
                             f"{ways} data-parallel ways of mesh.shape={list(cfg.mesh.shape)} (data x fsdp)")
-        self.tokenizer = epoch_data.load_tokenizer(cfg.model.tokenizer or cfg.model.teacher)
+        self.tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.teacher)
         obj = cfg.objective
         self.objective = objectives.get(obj.name)
         self.needs_teacher = self.objective.needs_teacher
-        self.student = models.from_pretrained(cfg.model.student, dtype=getattr(jnp, cfg.model.student_dtype),
-                                              mesh=self.mesh)
+        # The student's trainable/frozen split; `student` is its base model (generation, configs).
+        self.student_parts = student_lib.load(cfg, self.mesh)
+        self.student = self.student_parts.model
+        self.frozen = self.student_parts.frozen
+        self.trainable0 = self.student_parts.trainable
         self.teacher = None
         vocab = len(self.tokenizer)
         if self.needs_teacher or self._must_generate_teacher():
-            self.teacher = models.from_pretrained(cfg.model.teacher, dtype=getattr(jnp, cfg.model.teacher_dtype),
-                                                  mesh=self.mesh)
+            self.teacher = from_pretrained(cfg.model.teacher, dtype=getattr(jnp, cfg.model.teacher_dtype),
+                                           mesh=self.mesh)
             models.align_vocab(vocab, self.teacher, self.student)
         else:
             models.align_vocab(vocab, self.student)
-        params = self.student.params()
-        self.frozen: dict = {}
-        if cfg.lora.enabled:
-            from distillm2_jax.models import lora
-            params = lora.add(params, self.student.config, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
-                              targets=tuple(cfg.lora.targets), key=jax.random.key(cfg.seed), mesh=self.mesh)
-            trainable, self.frozen = lora.split(params)
-        else:
-            trainable = params
-        self.trainable0 = trainable
         self.teacher_params = self.teacher.params() if (self.teacher is not None and self.needs_teacher) else None
 
     # ------------------------------------------------------------------ setup helpers
@@ -172,12 +132,7 @@ class Trainer:
 
     def current_student(self, state: TrainState) -> models.Decoder:
         """The student as trained so far (LoRA merged), e.g. for regenerating responses."""
-        params = combine(state.trainable, self.frozen)
-        if self.cfg.lora.enabled:
-            from distillm2_jax.models import lora
-            params = lora.merge(params)
-        return models.Decoder(self.student.config, params, hf_config=self.student.hf_config,
-                              compute_dtype=self.cfg.model.compute_dtype)
+        return self.student_parts.merged(state.trainable, compute_dtype=self.cfg.model.compute_dtype)
 
     # ------------------------------------------------------------------ compiled functions
     def compile_step(self, tx, state_shardings, num_micro: int):
@@ -185,12 +140,12 @@ class Trainer:
         mesh = self.mesh
 
         def step(state, frozen, teacher, batch, inputs):
-            return train_step(state, frozen, teacher, _micro_batches(batch, num_micro, mesh), inputs, cfg=cfg, tx=tx)
+            return train_step(state, frozen, teacher, batch_layout.micro_batches(batch, num_micro, mesh), inputs, cfg=cfg, tx=tx)
 
         replicated = NamedSharding(mesh, P())
         frozen_sh = jax.tree.map(lambda x: x.sharding, self.frozen)
         teacher_sh = jax.tree.map(lambda x: x.sharding, self.teacher_params)
-        batch_sh = _batch_shardings(mesh)
+        batch_sh = batch_layout.shardings(mesh)
         return jax.jit(step, in_shardings=(state_shardings, frozen_sh, teacher_sh, batch_sh, replicated),
                        out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
@@ -200,14 +155,14 @@ class Trainer:
         cfg = self.step_config()
         mesh = self.mesh
         replicated = NamedSharding(mesh, P())
-        batch_sh = _batch_shardings(mesh)
+        batch_sh = batch_layout.shardings(mesh)
 
         def teacher_logprobs(teacher, batch):
-            return teacher_sequence_logprobs(teacher, _micro_batches(batch, num_micro, mesh), cfg=cfg)
+            return teacher_sequence_logprobs(teacher, batch_layout.micro_batches(batch, num_micro, mesh), cfg=cfg)
 
         def measure(stats, trainable, frozen, batch, teacher_logp_seq):
-            return measure_gaps(stats, combine(trainable, frozen), None, _micro_batches(batch, num_micro, mesh),
-                                cfg=cfg, teacher_logp_seq=teacher_logp_seq)
+            return measure_gaps(stats, student_lib.combine(trainable, frozen), None,
+                                batch_layout.micro_batches(batch, num_micro, mesh), cfg=cfg, teacher_logp_seq=teacher_logp_seq)
         return (jax.jit(teacher_logprobs, in_shardings=(None, batch_sh), out_shardings=replicated),
                 jax.jit(measure, in_shardings=(replicated, None, None, batch_sh, replicated),
                         out_shardings=replicated))
@@ -229,8 +184,7 @@ class Trainer:
         total_steps = steps_per_epoch * tcfg.epochs
         tx, lr_schedule = make_optimizer(cfg.optim, total_steps)
 
-        state = jax.jit(lambda t: TrainState(step=jnp.zeros((), jnp.int32), trainable=t, opt_state=tx.init(t)))(
-            self.trainable0)
+        state = jax.jit(lambda t: init_state(t, tx))(self.trainable0)
         state_shardings = jax.tree.map(lambda x: x.sharding, state)
         ckpt = Checkpointer(self.run_dir / "checkpoints", keep=cfg.checkpoint.keep,
                             async_save=cfg.checkpoint.async_save)
@@ -283,7 +237,7 @@ class Trainer:
                 progress = _progress(cfg, epoch, start, steps_per_epoch)
                 for b in range(start, steps_per_epoch):
                     t0 = time.perf_counter()
-                    batch = _to_global(next(iterator), self.mesh)
+                    batch = batch_layout.to_global(next(iterator), self.mesh)
                     step = int(state.step)
                     beta = self.objective_beta(step, total_steps, epoch, steps_per_epoch)
                     inputs = StepInputs(jnp.float32(beta), jnp.float32(ref_gap),
@@ -346,16 +300,21 @@ class Trainer:
         if resume_meta is not None and resume_meta.get("ref_gap") is not None:
             iterator = loader.iterator(resume_meta["iterator"])
             for b in range(resume_meta["batch"], steps_per_epoch):
-                teacher_logps[b] = teacher_fn(self.teacher_params, _to_global(next(iterator), self.mesh))
+                teacher_logps[b] = teacher_fn(self.teacher_params, batch_layout.to_global(next(iterator), self.mesh))
             return float(resume_meta["ref_gap"]), teacher_logps
         replicated = NamedSharding(self.mesh, P())
         stats = jax.tree.map(lambda x: shd.put_global(x, replicated), curriculum.init_gap_stats())
         iterator = loader.iterator()
         for b in range(steps_per_epoch):
-            batch = _to_global(next(iterator), self.mesh)
+            batch = batch_layout.to_global(next(iterator), self.mesh)
             teacher_logps[b] = teacher_fn(self.teacher_params, batch)
             stats = measure_fn(stats, state.trainable, self.frozen, batch, teacher_logps[b])
         return float(curriculum.reference_gap(stats)), teacher_logps
+
+
+def init_state(trainable, tx) -> TrainState:
+    """A run's train state at step 0: what its checkpoints hold (export restores into this shape)."""
+    return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, opt_state=tx.init(trainable))
 
 
 def _record_config(cfg, path: Path) -> None:

@@ -21,9 +21,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from distillm2_jax import curriculum, losses
+from distillm2_jax import objectives
+from distillm2_jax.objectives import curriculum
 from distillm2_jax.models import decoder
 from distillm2_jax.models.config import ModelConfig
+from distillm2_jax.train.batch import Batch, loss_hidden, loss_labels
+from distillm2_jax.train.student import forward_params
 
 Params = dict[str, Any]
 
@@ -34,44 +37,6 @@ class TrainState:
     step: jax.Array          # [] int32, optimizer steps taken
     trainable: Params
     opt_state: optax.OptState
-
-
-class Batch(NamedTuple):
-    """A micro-batches of b pairs in the shared-prompt layout (`data.batches`).
-
-    prompt_ids/prompt_mask [A, b, P] left-padded; response_ids/response_mask/labels [A, 2b, R]
-    right-padded and pair-major: rows 2i and 2i + 1 are pair i's TGO (chosen) and SGO responses,
-    so a pair never spans devices. labels are the response tokens, -100 on padding (not
-    shifted: label j is response token j).
-    """
-    prompt_ids: jax.Array
-    prompt_mask: jax.Array
-    response_ids: jax.Array
-    response_mask: jax.Array
-    labels: jax.Array
-
-
-def to_halves(x: jax.Array, axis: int = 0) -> jax.Array:
-    """Pair-major rows (2i, 2i + 1 = pair i's TGO, SGO) -> the `losses` order: rows [0:b] TGO,
-    [b:2b] SGO, along `axis`."""
-    axis = axis % x.ndim
-    n = x.shape[axis]
-    y = x.reshape(x.shape[:axis] + (n // 2, 2) + x.shape[axis + 1:])
-    return jnp.swapaxes(y, axis, axis + 1).reshape(x.shape)
-
-
-def loss_hidden(prompt_hidden: jax.Array, response_hidden: jax.Array) -> jax.Array:
-    """[b, P, H] and pair-major [2b, R, H] -> [2b, R + 1, H] in the `losses` row order: each
-    row's last prompt state, then its response states. With `loss_labels`, position t predicts
-    label t + 1 (the `losses` convention): the last prompt state predicts the first response token."""
-    last = jnp.repeat(prompt_hidden[:, -1:], 2, axis=0)
-    return to_halves(jnp.concatenate([last, response_hidden], axis=1))
-
-
-def loss_labels(labels: jax.Array) -> jax.Array:
-    """Pair-major [..., 2b, R] response labels -> [..., 2b, R + 1] aligned with `loss_hidden`."""
-    pad = jnp.full(labels.shape[:-1] + (1,), losses.IGNORE_INDEX, labels.dtype)
-    return to_halves(jnp.concatenate([pad, labels], axis=-1), axis=-2)
 
 
 def pair_hidden(params: Params, cfg: ModelConfig, micro: Batch, *, compute_dtype, remat: str = "none"):
@@ -88,7 +53,7 @@ class StepInputs(NamedTuple):
     key: jax.Array            # PRNG key data for LoRA dropout, uint32 [2]
     curriculum_on: jax.Array  # [] bool: per-row a from the curriculum (epoch >= 2) or fixed a0
     # [A, 2b] float32: the frozen teacher's per-sequence mean label log-probs of this batch
-    # (`teacher_sequence_logprobs`, in the `losses` row order of each micro-batch). They are fixed
+    # (`teacher_sequence_logprobs`, in the loss row order (`objectives.terms`) of each micro-batch). They are fixed
     # within an epoch, so the trainer computes them once, at the epoch start, and the curriculum's
     # per-step gap pass runs the student's head only. None: the step computes them itself.
     teacher_logp_seq: jax.Array | None = None
@@ -112,34 +77,14 @@ class StepConfig:
     lora_dropout: float = 0.0
 
 
-def combine(trainable: Params, frozen: Params) -> Params:
-    """Student params from the trainable leaves and the frozen rest (LoRA: base weights)."""
-    if not frozen:
-        return trainable
-    out = {k: v for k, v in frozen.items() if k != "layers"}
-    out.update({k: v for k, v in trainable.items() if k != "layers"})
-    out["layers"] = {**frozen.get("layers", {}), **trainable.get("layers", {})}
-    return out
-
-
-def _with_lora_dropout(params: Params, cfg: StepConfig, key: jax.Array) -> Params:
-    if cfg.lora_dropout <= 0 or not any(k.endswith("_lora_a") for k in params["layers"]):
-        return params
-    L = cfg.student.num_layers
-    layers = dict(params["layers"])
-    layers["lora_dropout_key"] = jax.random.split(jax.random.wrap_key_data(key), L)
-    layers["lora_dropout_rate"] = jnp.full((L,), cfg.lora_dropout, jnp.float32)
-    return {**params, "layers": layers}
-
-
 def _sequence_logprobs(hs, ws, ht, wt, labels, teacher_logp_seq, cfg: StepConfig) -> dict:
     """Per-sequence label log-probs of both models for the curriculum's gaps; with the teacher's
     given (`teacher_logp_seq` [2b]), only the student's head runs."""
     if teacher_logp_seq is None:
-        return losses.chunked_sequence_logprobs(
+        return objectives.chunked_sequence_logprobs(
             hs, ws, ht, wt, labels, chunk_size=cfg.chunk_size, student_softcap=cfg.student.final_softcap,
             teacher_softcap=cfg.teacher.final_softcap)
-    seq = losses.chunked_sequence_logprobs(hs, ws, None, None, labels, chunk_size=cfg.chunk_size,
+    seq = objectives.chunked_sequence_logprobs(hs, ws, None, None, labels, chunk_size=cfg.chunk_size,
                                            student_softcap=cfg.student.final_softcap)
     return {**seq, "teacher_logp_seq": teacher_logp_seq}
 
@@ -148,10 +93,10 @@ def micro_loss(trainable: Params, frozen: Params, teacher: Params | None, cfg: S
                micro: Batch, inputs: StepInputs, denominators: dict | None = None):
     """Loss and metrics of one micro-batch (a `Batch` without its leading A axis).
 
-    denominators: the whole step's counts (`losses.loss_denominators` of `loss_labels`), so
+    denominators: the whole step's counts (`objectives.loss_denominators` of `loss_labels`), so
     that the micro-batch losses add up to the loss of the whole batch.
     """
-    student = _with_lora_dropout(combine(trainable, frozen), cfg, inputs.key)
+    student = forward_params(trainable, frozen, key=inputs.key, dropout=cfg.lora_dropout)
     dtype = cfg.compute_dtype
     hs = pair_hidden(student, cfg.student, micro, compute_dtype=dtype, remat=cfg.remat)
     ws = decoder.output_head(student, cfg.student)
@@ -172,12 +117,12 @@ def micro_loss(trainable: Params, frozen: Params, teacher: Params | None, cfg: S
             a, _ = curriculum.curriculum_alpha(seq, inputs.ref_gap, enabled=True, a0=cfg.alpha, a_min=cfg.alpha_min)
             return jnp.broadcast_to(a, (rows,)).astype(jnp.float32)
         alpha = jax.lax.stop_gradient(jax.lax.cond(inputs.curriculum_on, curriculum_alpha, lambda: alpha))
-    loss, metrics = losses.chunked_objective(
+    loss, metrics = objectives.chunked_objective(
         cfg.objective, hs, ws, ht, wt, labels, num_pairs=num_pairs, chunk_size=cfg.chunk_size,
         alpha=alpha, beta=inputs.beta, skew_stopgrad=cfg.skew_stopgrad, reduction=cfg.reduction,
         normalization=cfg.normalization, denominators=denominators, **softcaps)
     metrics = {**metrics, "alpha_mean": jnp.mean(alpha), "alpha_min": jnp.min(alpha), "alpha_max": jnp.max(alpha),
-               "tokens": jnp.sum(labels != losses.IGNORE_INDEX)}
+               "tokens": jnp.sum(labels != objectives.IGNORE_INDEX)}
     return loss, metrics
 
 
@@ -196,11 +141,11 @@ def train_step(state: TrainState, frozen: Params, teacher: Params | None, batch:
 
     Every micro-batch divides by the counts of the whole batch, so the summed gradients are
     those of the batch's loss, however its tokens and empty rows fall across micro-batches.
-    Loss metrics (`losses.ADDITIVE_METRICS`) add up; the others are means over micro-batches.
+    Loss metrics (`objectives.ADDITIVE_METRICS`) add up; the others are means over micro-batches.
     """
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
     num_micro = batch.labels.shape[0]
-    denominators = losses.loss_denominators(loss_labels(batch.labels), batch.labels.shape[1] // 2,
+    denominators = objectives.loss_denominators(loss_labels(batch.labels), batch.labels.shape[1] // 2,
                                             cfg.reduction)
 
     def accumulate(carry, xs):
@@ -226,7 +171,7 @@ def train_step(state: TrainState, frozen: Params, teacher: Params | None, batch:
     (grads, metrics), _ = jax.lax.scan(
         accumulate, (zeros, metric_zeros), (batch, jnp.arange(num_micro), inputs.teacher_logp_seq))
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.trainable)
-    summed = _REDUCE.keys() | losses.ADDITIVE_METRICS | {"tokens"}
+    summed = _REDUCE.keys() | objectives.ADDITIVE_METRICS | {"tokens"}
     metrics = {k: v if k in summed else v / num_micro for k, v in metrics.items()}
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
@@ -237,10 +182,10 @@ def train_step(state: TrainState, frozen: Params, teacher: Params | None, batch:
 
 def teacher_sequence_logprobs(teacher: Params, batch: Batch, *, cfg: StepConfig) -> jax.Array:
     """The teacher's per-sequence mean label log-probs [A, 2b] of a batch (forward only), in the
-    `losses` row order of each micro-batch: `StepInputs.teacher_logp_seq` for a frozen teacher."""
+    loss row order of each micro-batch: `StepInputs.teacher_logp_seq` for a frozen teacher."""
     def one(_, micro):
         ht = pair_hidden(teacher, cfg.teacher, micro, compute_dtype=cfg.compute_dtype)
-        seq = losses.chunked_sequence_logprobs(
+        seq = objectives.chunked_sequence_logprobs(
             ht, decoder.output_head(teacher, cfg.teacher), None, None, loss_labels(micro.labels),
             chunk_size=cfg.chunk_size, student_softcap=cfg.teacher.final_softcap)
         return None, seq["student_logp_seq"]

@@ -1,0 +1,108 @@
+"""The student's lifecycle, shared by the trainer and export: load, add LoRA, split, merge.
+
+A run trains `trainable` (the whole model, or with LoRA only the adapters' A/B leaves) and
+keeps `frozen` (the rest; `{}` without LoRA) fixed. The train state checkpoints `trainable`
+only, so export rebuilds the same split the same way (same config, same seed) to restore it:
+
+    student = load(cfg, mesh)                 # Student(model, trainable, frozen)
+    # in the jitted step (trainable: the train state's):
+    params = forward_params(trainable, student.frozen, key=step_key, dropout=0.05)
+    model = student.merged(trainable)         # a plain Decoder, LoRA merged: generate, export
+
+The LoRA math (adapter leaves, split/combine, dropout entries, merge) is `models.lora`'s.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from distillm2_jax.hf.load import from_pretrained
+from distillm2_jax.models import lora
+from distillm2_jax.models.config import ModelConfig
+from distillm2_jax.models.decoder import Decoder
+
+Params = dict[str, Any]
+
+__all__ = ["Student", "add_lora", "combine", "forward_params", "from_model", "load", "merge", "split"]
+
+
+@dataclasses.dataclass
+class Student:
+    """A loaded student and the split of its params at the start of training."""
+    model: Decoder        # the base model (config, hf_config); its params hold no LoRA leaves
+    trainable: Params     # the initial trainable leaves: the whole model, or the LoRA A/B only
+    frozen: Params        # everything else ({} without LoRA)
+
+    @property
+    def config(self) -> ModelConfig:
+        """The model's config, read live (vocabulary alignment replaces it on the model)."""
+        return self.model.config
+
+    @property
+    def has_lora(self) -> bool:
+        """True when only adapters train (the base weights sit in `frozen`)."""
+        return lora.has_lora(self.trainable)
+
+    def params(self, trainable: Params) -> Params:
+        """Full params (LoRA leaves unmerged) for a forward without dropout."""
+        return combine(trainable, self.frozen)
+
+    def merged(self, trainable: Params, *, compute_dtype=None) -> Decoder:
+        """The student with `trainable` as a plain Decoder (LoRA merged): to generate or export."""
+        return Decoder(self.config, merge(self.params(trainable)), hf_config=self.model.hf_config,
+                       compute_dtype=compute_dtype)
+
+
+def load(cfg, mesh) -> Student:
+    """The student of run config `cfg` on `mesh`: `model.student` in `model.student_dtype`,
+    with `cfg.lora`'s adapters (initialised from `cfg.seed`) when enabled."""
+    model = from_pretrained(cfg.model.student, dtype=getattr(jnp, cfg.model.student_dtype), mesh=mesh)
+    return from_model(model, cfg.lora, seed=cfg.seed, mesh=mesh)
+
+
+def from_model(model: Decoder, lora_cfg=None, *, seed: int = 0, mesh=None) -> Student:
+    """Split an already built Decoder; `lora_cfg` is a `config.LoraSection` (None: no LoRA)."""
+    params = add_lora(model.params(), model.config, lora_cfg, seed=seed, mesh=mesh)
+    trainable, frozen = split(params)
+    return Student(model, trainable, frozen)
+
+
+def add_lora(params: Params, model_cfg: ModelConfig, lora_cfg, *, seed: int = 0, mesh=None) -> Params:
+    """`params` with LoRA leaves for `lora_cfg` (rank, alpha, targets; A from `seed`, B = 0);
+    `params` itself when `lora_cfg` is None or not enabled."""
+    if lora_cfg is None or not lora_cfg.enabled:
+        return params
+    return lora.add(params, model_cfg, rank=lora_cfg.rank, alpha=lora_cfg.alpha, targets=tuple(lora_cfg.targets),
+                    key=jax.random.key(seed), mesh=mesh)
+
+
+def split(params: Params) -> tuple[Params, Params]:
+    """(trainable, frozen): with LoRA leaves, the adapters and the rest; else (params, {})."""
+    if lora.has_lora(params):
+        return lora.split(params)
+    return params, {}
+
+
+def combine(trainable: Params, frozen: Params) -> Params:
+    """Inverse of `split`: the full params (LoRA leaves still separate)."""
+    if not frozen:
+        return trainable
+    return lora.combine(trainable, frozen)
+
+
+def forward_params(trainable: Params, frozen: Params, *, key: jax.Array | None = None,
+                   dropout: float = 0.0) -> Params:
+    """The params of one forward: `combine`, plus LoRA dropout entries when training (a `key`,
+    raw key data or a typed key, fresh per step and micro-batch, and `dropout` > 0)."""
+    params = combine(trainable, frozen)
+    if key is None or dropout <= 0:
+        return params
+    return lora.with_dropout(params, key, dropout)
+
+
+def merge(params: Params) -> Params:
+    """Plain decoder params: LoRA adapters folded into the dense weights (W + A @ B * scale)."""
+    return lora.merge(params) if lora.has_lora(params) else params

@@ -446,7 +446,7 @@ class Worker:
         if record:
             self.times.setdefault(flag, []).append(msg["dt"])
             self.cpu.setdefault(flag, []).append(msg["cpu"])
-        self.objectives.setdefault(flag, []).append(msg["loss"])
+        self.losses.setdefault(flag, []).append(msg["loss"])
         return msg["dt"]
 
     def profile(self) -> dict:

@@ -16,6 +16,9 @@ import json
 import os
 from pathlib import Path
 
+from distillm2_jax import models
+from distillm2_jax.hf import save_pretrained
+
 PAD_ID = 0
 IM_START_ID = 1
 EOS_ID = 2
@@ -101,8 +104,6 @@ TOY_WORDS = ("red", "blue", "green", "cat", "dog", "bird", "one", "two", "three"
 
 def build_toy_models(root: str | os.PathLike, *, seed: int = 0) -> dict[str, Path]:
     """Tokenizer, a 2-layer teacher (hidden 64) and a 2-layer student (hidden 32) under `root`."""
-    from distillm2_jax import models
-    from distillm2_jax.hf import save_pretrained
 
     root = Path(root)
     tok = build_tiny_tokenizer(root / "tokenizer")

@@ -6,11 +6,13 @@ from pathlib import Path
 
 import numpy as np
 
+from distillm2_jax import objectives
 from distillm2_jax.objectives import curriculum as cur
 from distillm2_jax.train.metrics import read_metrics, to_float
 
-NAMES = {"distillm2": "DistiLLM-2", "kd": "KD", "seqkd": "SeqKD", "gkd": "GKD", "distillm": "DistiLLM",
-         "rkl": "RKL", "sft": "SFT", "dpkd": "DPKD"}
+def label(name: str) -> str:
+    """How tables and plots name an objective (its registry label), or `name` itself."""
+    return objectives.REGISTRY[name].label if name in objectives.REGISTRY else name
 
 
 def _fmt(row: dict, key: str, spec: str) -> str:
@@ -141,13 +143,13 @@ def plot_curves(run_dirs: dict[str, str | os.PathLike], out: str | os.PathLike) 
         return [p for p, _ in pts], [v for _, v in pts]
 
     for name, recs in records.items():
-        axes[0].plot(*series(recs, "loss"), label=NAMES.get(name, name), linewidth=1.2)
+        axes[0].plot(*series(recs, "loss"), label=label(name), linewidth=1.2)
     axes[0].set_title("training loss (each objective's own scale)")
     for name, recs in records.items():
         for key in ("skl", "srkl", "fkl"):
             x, y = series(recs, key)
             if y:
-                axes[1].plot(x, y, label=f"{NAMES.get(name, name)} {key}", linewidth=1.2)
+                axes[1].plot(x, y, label=f"{label(name)} {key}", linewidth=1.2)
     axes[1].set_title("divergence parts")
     first = next(iter(records))
     main = records[first]
@@ -155,7 +157,7 @@ def plot_curves(run_dirs: dict[str, str | os.PathLike], out: str | os.PathLike) 
         x, y = series(main, key)
         if y:
             axes[2].plot(x, y, label=key, linewidth=1.2)
-    axes[2].set_title(f"{NAMES.get(first, '')} skew a (curriculum from epoch 2)")
+    axes[2].set_title(f"{label(first)} skew a (curriculum from epoch 2)")
     x, y = series(main, "beta")
     axes[3].plot(x, y, label="b", linewidth=1.2)
     x, y = series(main, "lr")
@@ -164,7 +166,7 @@ def plot_curves(run_dirs: dict[str, str | os.PathLike], out: str | os.PathLike) 
         ax2.plot(x, y, color="gray", linestyle="--", linewidth=1.0, label="lr")
         ax2.set_ylabel("lr")
     axes[3].set_title("b (weight of SRKL) and learning rate")
-    _plot_b_readings(axes[4], main, _run_b0(run_dirs[first]), NAMES.get(first, first))
+    _plot_b_readings(axes[4], main, _run_b0(run_dirs[first]), label(first))
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.set_xlabel("step")

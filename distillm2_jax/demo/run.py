@@ -232,7 +232,7 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None, *, overwrite
             "student (warm-up only)": evaluate_model(from_pretrained(out / "student_sft"), teacher,
                                                      tokenizer, heldout, pairs)}
     for objective in s.objectives:
-        rows[f"student after {report.NAMES.get(objective, objective)}"] = evaluate_model(
+        rows[f"student after {report.label(objective)}"] = evaluate_model(
             api.restore_student(runs[objective].run_dir), teacher, tokenizer, heldout, pairs)
     phase("evaluate", t0)
 

@@ -22,6 +22,10 @@ from typing import Any
 import jax
 import numpy as np
 
+from distillm2_jax.data.chat import pad_token_id, stop_token_ids
+from distillm2_jax.data.generations import make_generation_record, tokenizer_fingerprint
+from distillm2_jax.data.prompts import load_templated_prompts
+from distillm2_jax.data.tokenizer import load_tokenizer
 from distillm2_jax.errors import UserError
 from distillm2_jax.generation.sampler import FINISH_STOP, Result, iter_sample, model_parts, rows_per_batch
 from distillm2_jax.generation.writer import GenerationWriter, model_files_digest, prompts_digest
@@ -84,11 +88,6 @@ def generate_file(model, prompts, out: str | os.PathLike, *, tokenizer,
     `model` field (the CLI passes the model folder); rerunning with other arguments raises
     UserError unless overwrite=True. extra_fields are added to every record (e.g. epoch).
     """
-    from distillm2_jax.data.chat import pad_token_id, stop_token_ids
-    from distillm2_jax.data.generations import make_generation_record, tokenizer_fingerprint
-    from distillm2_jax.data.prompts import load_templated_prompts
-    from distillm2_jax.data.tokenizer import load_tokenizer
-
     t0 = time.perf_counter()
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = load_tokenizer(tokenizer)

@@ -21,6 +21,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from distillm2_jax import sharding as shd
+from distillm2_jax.models import param_shardings
 from distillm2_jax.models.config import ModelConfig
 from distillm2_jax.sampling.decode import (
     SamplingConfig,
@@ -109,7 +110,6 @@ def _params_on_mesh(params, cfg: ModelConfig, mesh):
     if all(isinstance(getattr(x, "sharding", None), NamedSharding) and x.sharding.mesh == mesh
            for x in leaves):
         return params
-    from distillm2_jax.models import param_shardings
 
     known = param_shardings(cfg, mesh)
     replicated = NamedSharding(mesh, PartitionSpec())

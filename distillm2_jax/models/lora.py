@@ -22,6 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from distillm2_jax import sharding as shd
 from distillm2_jax.models.config import ModelConfig
 from distillm2_jax.models.layer import LORA_TARGETS
 from distillm2_jax.models.decoder import param_specs as base_param_specs
@@ -34,8 +35,8 @@ _TRAINABLE_SUFFIXES = (A_SUFFIX, B_SUFFIX)
 _LORA_SUFFIXES = (A_SUFFIX, B_SUFFIX, SCALE_SUFFIX)
 
 __all__ = [
-    "LORA_TARGETS", "add", "combine", "has_lora", "is_lora_leaf", "merge", "optimizer",
-    "param_specs", "split", "trainable_mask", "with_dropout",
+    "LORA_TARGETS", "add", "combine", "has_lora", "is_lora_leaf", "merge",
+    "param_specs", "split", "with_dropout",
 ]
 
 
@@ -86,8 +87,6 @@ def add(params: Params, cfg: ModelConfig, *, rank: int, alpha: float,
     if mesh is None:
         new = _init_jit(key, **static)
     else:
-        from distillm2_jax import sharding as shd
-
         shardings = {name: shd.named_sharding(axes, shape, mesh, rules) for name, (shape, axes) in specs.items()}
         new = jax.jit(_init_leaves, static_argnames=tuple(static), out_shardings=shardings)(key, **static)
     return {**params, "layers": {**params["layers"], **new}}
@@ -114,16 +113,6 @@ def is_lora_leaf(name: str) -> bool:
 
 def has_lora(params: Params) -> bool:
     return any(is_lora_leaf(k) for k in params.get("layers", {}))
-
-
-def _leaf_name(path) -> str:
-    last = path[-1]
-    return str(getattr(last, "key", getattr(last, "name", last)))
-
-
-def trainable_mask(params: Params) -> Params:
-    """Pytree of bools like `params`: True only for `*_lora_a` / `*_lora_b` leaves."""
-    return jax.tree_util.tree_map_with_path(lambda path, _: is_lora_leaf(_leaf_name(path)), params)
 
 
 def _partition(tree: Params, keep) -> Params:
@@ -153,18 +142,6 @@ def combine(trainable: Params, frozen: Params) -> Params:
     for k, v in trainable.items():
         out[k] = combine(v, out.get(k, {})) if isinstance(v, dict) else v
     return out
-
-
-def optimizer(tx, params: Params):
-    """`tx` on the LoRA leaves; the other leaves get zero updates and no optimizer state.
-
-    (`optax.masked(tx, trainable_mask(params))` alone passes the *raw gradients* of the
-    unmasked leaves through as updates, which would still change the base weights.)
-    """
-    import optax
-
-    labels = jax.tree.map(lambda m: "lora" if m else "frozen", trainable_mask(params))
-    return optax.multi_transform({"lora": tx, "frozen": optax.set_to_zero()}, labels)
 
 
 def merge(params: Params) -> Params:

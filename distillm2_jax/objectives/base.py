@@ -78,6 +78,7 @@ Loss = Callable[[Reduction, dict, Any, str], tuple[jax.Array, dict]]
 class Objective:
     """One distillation objective: what it trains on, what it needs, and its math."""
     name: str
+    label: str                   # how tables and plots name it ("DistiLLM-2", "KD")
     summary: str
     needs_teacher: bool          # False: trains on given responses alone (the teacher may be absent)
     student_responses: bool      # reads student-generated rows (Algorithm 1 then samples them)

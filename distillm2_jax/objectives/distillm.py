@@ -16,6 +16,6 @@ def loss(r: Reduction, sums: dict, beta, normalization: str):
 
 
 OBJECTIVE = Objective(
-    "distillm", "DistiLLM v1: skew reverse KL on teacher and student responses",
+    "distillm", "DistiLLM", "DistiLLM v1: skew reverse KL on teacher and student responses",
     needs_teacher=True, student_responses=True, loss=loss, parts=("srkl", "srkl_tgo", "srkl_sgo"),
     divergence=divergence)

@@ -20,6 +20,6 @@ def loss(r: Reduction, sums: dict, beta, normalization: str):
 
 
 OBJECTIVE = Objective(
-    "distillm2", "CALD: (1-b) SKL on teacher responses + b SRKL on student responses",
+    "distillm2", "DistiLLM-2", "CALD: (1-b) SKL on teacher responses + b SRKL on student responses",
     needs_teacher=True, student_responses=True, loss=loss, parts=("skl", "srkl"),
     divergence=divergence, beta="schedule", default_beta=0.5, curriculum=True)

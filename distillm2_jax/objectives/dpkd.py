@@ -21,6 +21,6 @@ def loss(r: Reduction, sums: dict, beta, normalization: str):
 
 
 OBJECTIVE = Objective(
-    "dpkd", "DPKD: a DPO-style margin between teacher and student responses", needs_teacher=True,
+    "dpkd", "DPKD", "DPKD: a DPO-style margin between teacher and student responses", needs_teacher=True,
     student_responses=True, loss=loss, parts=("dpkd_margin", "dpkd_accuracy"), beta="dpkd_beta",
     default_beta=0.1, linear=False)

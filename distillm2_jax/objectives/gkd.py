@@ -16,6 +16,6 @@ def loss(r: Reduction, sums: dict, beta, normalization: str):
 
 
 OBJECTIVE = Objective(
-    "gkd", "generalised JSD on teacher and student responses", needs_teacher=True,
+    "gkd", "GKD", "generalised JSD on teacher and student responses", needs_teacher=True,
     student_responses=True, loss=loss, parts=("jsd", "jsd_tgo", "jsd_sgo"), divergence=divergence,
     beta="gkd_beta", default_beta=0.9)

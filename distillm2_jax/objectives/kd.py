@@ -15,5 +15,5 @@ def loss(r: Reduction, sums: dict, beta, normalization: str):
 
 
 OBJECTIVE = Objective(
-    "kd", "forward KL(p||q) on teacher responses", needs_teacher=True, student_responses=False,
+    "kd", "KD", "forward KL(p||q) on teacher responses", needs_teacher=True, student_responses=False,
     loss=loss, parts=("fkl",), divergence=divergence, trained="tgo")

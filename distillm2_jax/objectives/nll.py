@@ -10,7 +10,7 @@ def loss(r: Reduction, sums: dict, beta, normalization: str):
     return nll, {"nll": nll}
 
 
-SEQKD = Objective("seqkd", "NLL of the teacher's responses", needs_teacher=False,
+SEQKD = Objective("seqkd", "SeqKD", "NLL of the teacher's responses", needs_teacher=False,
                   student_responses=False, loss=loss, parts=("nll",))
-SFT = Objective("sft", "NLL of the given (chosen) responses", needs_teacher=False,
+SFT = Objective("sft", "SFT", "NLL of the given (chosen) responses", needs_teacher=False,
                 student_responses=False, loss=loss, parts=("nll",))

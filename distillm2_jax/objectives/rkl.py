@@ -15,5 +15,5 @@ def loss(r: Reduction, sums: dict, beta, normalization: str):
 
 
 OBJECTIVE = Objective(
-    "rkl", "reverse KL(q||p) on student responses", needs_teacher=True, student_responses=True,
+    "rkl", "RKL", "reverse KL(q||p) on student responses", needs_teacher=True, student_responses=True,
     loss=loss, parts=("rkl",), divergence=divergence, trained="sgo")

@@ -4,7 +4,7 @@ The loop runs the model's own forward with a KV cache (`models.decoder.forward(.
 cache=models.kv_cache.init_cache(...))`); there is no separate decoding copy of the layer.
 
 The user-facing API (bucketing, batching, progress, result records, JSONL output) is
-`distillm2_jax.generate`; see docs/generation.md.
+`distillm2_jax.generation`; see docs/generation.md.
 """
 from distillm2_jax.models.decoder import unstack_layers, unstack_layers_jit
 from distillm2_jax.sampling.decode import (

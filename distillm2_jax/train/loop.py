@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from distillm2_jax import config as config_lib
 from distillm2_jax import distributed, models, objectives
 from distillm2_jax import sharding as shd
 from distillm2_jax.objectives import curriculum
@@ -30,6 +31,7 @@ from distillm2_jax.train import batch as batch_layout
 from distillm2_jax.train import epoch_data
 from distillm2_jax.train import student as student_lib
 from distillm2_jax.train.checkpoint import Checkpointer
+from distillm2_jax.train.metrics import MetricsWriter, flops_per_token, mfu, peak_flops
 from distillm2_jax.train.optimizer import make_optimizer
 from distillm2_jax.train.step import (StepConfig, StepInputs, TrainState, measure_gaps,
                                       teacher_sequence_logprobs, train_step)
@@ -197,7 +199,6 @@ class Trainer:
             if meta["steps_per_epoch"] != steps_per_epoch:
                 raise UserError(f"{ckpt.directory}: checkpoint was made with {meta['steps_per_epoch']} steps per "
                                 f"epoch, this config gives {steps_per_epoch}; use a new run_dir")
-        from distillm2_jax.train.metrics import MetricsWriter, flops_per_token, mfu, peak_flops
 
         lora_rank = cfg.lora.rank if cfg.lora.enabled else 0
         flops_tok = flops_per_token(self.student.config, cfg.data.max_length, lora_rank=lora_rank,
@@ -319,7 +320,6 @@ def init_state(trainable, tx) -> TrainState:
 
 def _record_config(cfg, path: Path) -> None:
     """Write the run's config; a resumed run must use the same one (except for run-local keys)."""
-    from distillm2_jax import config as config_lib
 
     if path.is_file():
         previous = config_lib.load(path, require=False)

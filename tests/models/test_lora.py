@@ -115,37 +115,32 @@ def test_merged_params_export_and_reload(model, adapted, tmp_path):
                                atol=1e-5, rtol=1e-5)
 
 
-def test_trainable_mask_split_combine(adapted):
-    mask = lora.trainable_mask(adapted)
-    flat = {"/".join(str(getattr(p, "key", p)) for p in path): m
-            for path, m in jax.tree_util.tree_leaves_with_path(mask)}
-    assert {k for k, m in flat.items() if m} == {f"layers/{t}_lora_{s}" for t in lora.LORA_TARGETS for s in "ab"}
+def test_split_combine(adapted):
     trainable, frozen = lora.split(adapted)
-    assert set(trainable) == {"layers"} and len(trainable["layers"]) == 2 * len(lora.LORA_TARGETS)
+    assert set(trainable) == {"layers"}
+    assert set(trainable["layers"]) == {f"{t}_lora_{s}" for t in lora.LORA_TARGETS for s in "ab"}
     assert "q_lora_scale" in frozen["layers"] and "embed" in frozen and "q_lora_a" not in frozen["layers"]
     again = lora.combine(trainable, frozen)
     assert jax.tree.structure(again) == jax.tree.structure(adapted)
 
 
-def test_optimizer_step_changes_only_the_adapters(zero_b):
+def test_optimizer_state_for_the_adapters_only(zero_b):
+    """The trainer's form: the optimizer sees the split's trainable part, so a step cannot touch
+    the base weights and keeps no state for them."""
     params = zero_b
     grads = jax.tree.map(lambda x: jnp.full(x.shape, 0.5, x.dtype), params)  # every leaf has a gradient
-    adamw = optax.adamw(1e-2, weight_decay=0.1)
-    mask_tree = lora.trainable_mask(params)
-    masked = optax.chain(optax.masked(adamw, mask_tree),  # masked alone would pass raw grads through
-                         optax.masked(optax.set_to_zero(), jax.tree.map(lambda m: not m, mask_tree)))
-    for tx in (masked, lora.optimizer(adamw, params)):
-        updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
-        new = optax.apply_updates(params, updates)
-        for name, value in new["layers"].items():
-            changed = not np.array_equal(value, params["layers"][name])
-            assert changed == lora.is_lora_leaf(name), name
-        assert np.array_equal(new["embed"], params["embed"])
-    # the split form: optimizer state for the adapters only
     trainable, frozen = lora.split(params)
-    state = optax.adam(1e-2).init(trainable)
+    tx = optax.adamw(1e-2, weight_decay=0.1)
+    state = tx.init(trainable)
     assert len(jax.tree.leaves(state)) == 1 + 2 * len(jax.tree.leaves(trainable))
-    assert jax.tree.structure(lora.split(grads)[0]) == jax.tree.structure(trainable)
+    g_trainable = lora.split(grads)[0]
+    assert jax.tree.structure(g_trainable) == jax.tree.structure(trainable)
+    updates, _ = jax.jit(tx.update)(g_trainable, state, trainable)
+    new = lora.combine(optax.apply_updates(trainable, updates), frozen)
+    for name, value in new["layers"].items():
+        changed = not np.array_equal(value, params["layers"][name])
+        assert changed == lora.is_lora_leaf(name), name
+    assert np.array_equal(new["embed"], params["embed"])
 
 
 def test_with_dropout_entries_and_effect(model, zero_b, adapted):
@@ -161,7 +156,7 @@ def test_with_dropout_entries_and_effect(model, zero_b, adapted):
     with pytest.raises(ValueError, match="dropout rate"):
         lora.with_dropout(adapted, jax.random.key(0), 1.0)
     assert "lora_dropout_key" not in lora.merge(step)["layers"]
-    assert not lora.trainable_mask(step)["layers"]["lora_dropout_rate"]
+    assert "lora_dropout_rate" not in lora.split(step)[0]["layers"]
     if "lora_dropout_key" not in layer.linear.__code__.co_consts:
         return  # layer.linear does not apply dropout yet: entries only
     ids, mask = padded_batch(seed=5)

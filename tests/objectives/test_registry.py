@@ -18,6 +18,7 @@ def test_what_each_objective_trains_on_and_needs():
     assert [n for n, o in reg.items() if o.curriculum] == ["distillm2"]
     assert {n: o.beta for n, o in reg.items() if o.beta != "none"} == {
         "distillm2": "schedule", "gkd": "gkd_beta", "dpkd": "dpkd_beta"}
+    assert len({o.label for o in reg.values()}) == len(reg)    # tables and plots tell them apart
     for o in reg.values():   # a fixed beta names a config key that exists
         assert o.beta in ("none", "schedule") or o.beta in config.ObjectiveSection.model_fields
 

@@ -55,4 +55,4 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, step: int | None = N
     run_dir = Path(run_dir)
     cfg = config_lib.load(run_dir / "config.yaml")
     student = restore_student(run_dir, step=step)
-    return save_pretrained(student, out_dir, tokenizer=cfg.model.tokenizer or cfg.model.teacher, dtype=dtype)
+    return save_pretrained(student, out_dir, tokenizer=cfg.tokenizer_path, dtype=dtype)

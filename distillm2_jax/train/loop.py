@@ -87,7 +87,7 @@ class Trainer:
         if cfg.train.micro_batch_size % ways:
             raise UserError(f"train.micro_batch={cfg.train.micro_batch_size} must be a multiple of the "
                             f"{ways} data-parallel ways of mesh.shape={list(cfg.mesh.shape)} (data x fsdp)")
-        self.tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.teacher)
+        self.tokenizer = load_tokenizer(cfg.tokenizer_path)
         obj = cfg.objective
         self.objective = objectives.get(obj.name)
         self.needs_teacher = self.objective.needs_teacher

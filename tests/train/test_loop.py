@@ -15,7 +15,7 @@ from distillm2_jax import config as config_lib
 from distillm2_jax.objectives import curriculum
 from distillm2_jax.errors import UserError
 from distillm2_jax.train.checkpoint import Checkpointer
-from distillm2_jax.train.export import restore_student
+from distillm2_jax.train.export import export_run, restore_student
 from distillm2_jax.train.loop import train
 from tests.tiny_run import build_tiny_run, tiny_config
 
@@ -211,3 +211,15 @@ def test_missing_model_path_is_one_clear_line(tiny, tmp_path, capsys):
     assert err.count("\n") == 0 and "model.student" in err and "nope" in err
     with pytest.raises(UserError, match="train.micro_batch=4 must be a multiple of the 8"):
         train(tiny_config(tiny, tmp_path / "r2", **{"mesh.shape": "[8,1,1]"}))
+
+
+def test_a_teacher_free_run_takes_the_students_tokenizer(tiny, tmp_path):
+    """SFT on given pairs with no teacher configured: the tokenizer falls back to the student's
+    folder (`Config.tokenizer_path`), for training and for export, and the run trains."""
+    cfg = config_lib.with_overrides(tiny_config(tiny, tmp_path / "run"), {
+        "model.teacher": None, "objective.name": "sft", "train.epochs": 1})
+    assert cfg.model.teacher is None and cfg.tokenizer_path == str(tiny["student"])
+    result = train(cfg, max_steps=1)
+    assert result.history and np.isfinite(result.history[-1]["loss"])
+    out = export_run(result.run_dir, tmp_path / "export")
+    assert (out / "tokenizer_config.json").is_file()

@@ -51,7 +51,7 @@ def nll(model, pairs, tokenizer, *, batch_size: int = 8, max_length: int = 1024,
         # Only the chosen rows [0:B].
         ids, mask, labels = (np.asarray(batch[k][:len(chunk)]) for k in ("input_ids", "attention_mask", "labels"))
         s, n = _token_nll_sums(params, cfg, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(labels),
-                               chunk_size=min(chunk_size, labels.shape[1]))
+                               chunk_size=chunk_size)
         total += float(s)
         count += int(n)
     mean = total / max(count, 1)
@@ -143,20 +143,10 @@ def _acceptance_sums(dparams, dcfg, tparams, tcfg, input_ids, attention_mask, la
     The draft's head is applied whole: its NLL is normalized over all its rows, as in `nll`; the
     acceptance compares both models over the first `vocab` (the tokenizer's) ids.
     """
-    hd = decoder.forward(dparams, dcfg, input_ids, attention_mask)[0][:, :-1]
-    ht = decoder.forward(tparams, tcfg, input_ids, attention_mask)[0][:, :-1]
-    lab = labels[:, 1:]
-    # Start the chunk grid at the batch's first label; earlier positions are prompt in every row,
-    # and chunks without a label skip both heads (as in the training loss).
-    start = objectives.first_label(lab)
-    hd, ht, lab = (jnp.roll(x, -start, axis=1) for x in (hd, ht, lab))
-    pad = -hd.shape[1] % chunk_size
-    hd, ht = (jnp.pad(h, ((0, 0), (0, pad), (0, 0))) for h in (hd, ht))
-    lab = jnp.pad(lab, ((0, 0), (0, pad)), constant_values=objectives.IGNORE_INDEX)
-    n = hd.shape[1] // chunk_size
-
-    def split(x):  # [B, n*c, ...] -> [n, B, c, ...]
-        return jnp.moveaxis(x.reshape(x.shape[0], n, chunk_size, *x.shape[2:]), 1, 0)
+    hd = decoder.forward(dparams, dcfg, input_ids, attention_mask)[0]
+    ht = decoder.forward(tparams, tcfg, input_ids, attention_mask)[0]
+    # The loss's chunk walk: chunks without a label skip both heads.
+    lab, (hd, ht) = objectives.chunk_by_labels(objectives.shifted_labels(labels), chunk_size, hd, ht)
 
     def one(args):
         hd_c, ht_c, lab_c = args
@@ -177,7 +167,7 @@ def _acceptance_sums(dparams, dcfg, tparams, tcfg, input_ids, attention_mask, la
         return (jnp.sum(accept.astype(jnp.float32) * m_c), jnp.sum(agree * m_c), jnp.sum(m_c),
                 -jnp.sum(label_lq.astype(jnp.float32) * m_c))
 
-    a, g, c, nll_sum = jax.lax.map(one, (split(hd), split(ht), split(lab)))
+    a, g, c, nll_sum = jax.lax.map(one, (hd, ht, lab))
     return jnp.sum(a), jnp.sum(g), jnp.sum(c), jnp.sum(nll_sum)
 
 
@@ -214,7 +204,7 @@ def acceptance_rate(draft, target, pairs, tokenizer, *, batch_size: int = 8, max
         a, g, c, s = _acceptance_sums(dparams, dcfg, tparams, tcfg,
                                       jnp.asarray(batch["input_ids"][:n]), jnp.asarray(batch["attention_mask"][:n]),
                                       jnp.asarray(batch["labels"][:n]),
-                                      chunk_size=min(chunk_size, max(batch["input_ids"].shape[1] - 1, 1)), vocab=vocab)
+                                      chunk_size=chunk_size, vocab=vocab)
         acc, agree, count, nll_total = acc + float(a), agree + float(g), count + int(c), nll_total + float(s)
     return AcceptanceResult(acc / max(count, 1), agree / max(count, 1), int(count),
                             nll_total / count if count else float("nan"))

@@ -11,9 +11,9 @@ docs/adding_an_objective.md shows how to add one.
 """
 from distillm2_jax.objectives.base import Objective, Reduction, Rows  # noqa: F401
 from distillm2_jax.objectives.chunked import (  # noqa: F401
-    GRAD_MODES, chunked_objective, chunked_sequence_logprobs, first_label, label_logprobs)
+    GRAD_MODES, chunk_by_labels, chunked_objective, chunked_sequence_logprobs, first_label, label_logprobs)
 from distillm2_jax.objectives.reference import (  # noqa: F401
     label_logprobs_from_logits, objective, sequence_logprobs)
 from distillm2_jax.objectives.registry import ADDITIVE_METRICS, NAMES, REGISTRY, get  # noqa: F401
 from distillm2_jax.objectives.terms import (  # noqa: F401
-    IGNORE_INDEX, NORMALIZATIONS, REDUCTIONS, loss_denominators)
+    IGNORE_INDEX, NORMALIZATIONS, REDUCTIONS, loss_denominators, shifted_labels)

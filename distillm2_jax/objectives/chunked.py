@@ -56,6 +56,26 @@ def _to_chunks(x, chunk: int, n_chunks: int, fill):
     return jnp.moveaxis(x, 1, 0)
 
 
+def chunk_by_labels(lab: jax.Array, chunk_size: int, *arrays):
+    """Labels [N, T] (already shifted: position t scores lab[t]) and arrays [N, T, ...] ->
+    (labels [n_chunks, N, C], arrays [n_chunks, N, C, ...]) for a `lax.scan` over chunks.
+
+    The chunk grid starts at the batch's first labelled position: the positions before it are
+    prompt in every row; rolled to the end, they and trailing padding fill label-free chunks,
+    which a scan can skip (`lax.cond` on `jnp.any(labels != -100)`). Roll and padding are linear,
+    so autodiff maps a chunked cotangent back to [N, T, ...]. None arrays stay None.
+    """
+    t = lab.shape[1]
+    chunk = min(chunk_size, t)
+    n_chunks = math.ceil(t / chunk)
+    start = first_label(lab)
+
+    def split(x, fill):
+        return None if x is None else _to_chunks(jnp.roll(x, -start, axis=1), chunk, n_chunks, fill)
+
+    return split(lab, terms.IGNORE_INDEX), tuple(split(x, 0) for x in arrays)
+
+
 def _scan_sums(cs: _ChunkSpec, hs, ws, ht, wt, lab, alpha, beta, remat: bool):
     """Forward scan over chunks accumulating per-row sums (autodiff-able; remat per chunk)."""
     def chunk_terms(h_c, w_s, th_c, w_t, lab_c):
@@ -299,32 +319,18 @@ def chunked_objective(name: str, student_hidden: jax.Array, student_head: jax.Ar
         if teacher_head.ndim != 2 or teacher_head.shape[0] != teacher_hidden.shape[2]:
             raise ValueError(f"teacher_head: expected [{teacher_hidden.shape[2]}, V], "
                              f"got shape {teacher_head.shape}")
-        if teacher_head.shape[1] != v:
-            raise ValueError(
-                f"teacher_head vocab width {teacher_head.shape[1]} != student_head width {v}: "
-                f"slice both heads to the shared tokenizer vocabulary before calling")
+        terms.check_vocab(teacher_head.shape[1], v, "teacher_head", "student_head")
     spec = terms.make_spec(name, num_pairs, beta, skew_stopgrad, reduction, normalization, has_teacher)
     terms.check_labels(labels, n, t, num_pairs, "student_hidden")
     alpha = terms.alpha_rows(alpha, n)
     beta_arr = jnp.asarray(beta if spec.beta_static is None else 0.0, _f32)
     cs = _ChunkSpec(spec, student_softcap, teacher_softcap)
 
-    chunk = min(chunk_size, t)
-    n_chunks = math.ceil(t / chunk)
     lab = terms.shifted_labels(labels)
     tokens = jnp.sum(lab != terms.IGNORE_INDEX, axis=1)
-    # Start the chunk grid at the first labelled position of the batch (positions before it are
-    # prompt in every row; rolled to the end, they and trailing padding fill label-free chunks,
-    # which skip their head matmuls).
-    start = first_label(lab)
-    align = lambda x: jnp.roll(x, -start, axis=1)  # noqa: E731
-    lab_c = _to_chunks(align(lab), chunk, n_chunks, terms.IGNORE_INDEX)
-    # roll and _to_chunks are linear: autodiff maps the chunked cotangent back to [2B, T, H].
-    hs = _to_chunks(align(student_hidden), chunk, n_chunks, 0)
-    ht = wt = None
-    if has_teacher:
-        ht = _to_chunks(align(_sg(teacher_hidden)), chunk, n_chunks, 0)
-        wt = _sg(teacher_head)
+    lab_c, (hs, ht) = chunk_by_labels(lab, chunk_size, student_hidden,
+                                      None if not has_teacher else _sg(teacher_hidden))
+    wt = _sg(teacher_head) if has_teacher else None
     if grad_mode == "remat":
         sums = _scan_sums(cs, hs, student_head, ht, wt, lab_c, alpha, beta_arr, remat=True)
         return terms.finalize(spec, sums, tokens, beta_arr, denominators)
@@ -368,13 +374,8 @@ def label_logprobs(hidden: jax.Array, head: jax.Array, labels: jax.Array, *, chu
     rows = n + odd
     spec = terms.make_spec(terms.LABELS_ONLY, rows // 2, 0.0, True, "sequence", "paper", False)
     cs = _ChunkSpec(spec, softcap, None)
-    chunk = min(chunk_size, t)
-    n_chunks = math.ceil(t / chunk)
     lab = terms.shifted_labels(labels)
-    start = first_label(lab)
-    align = lambda x: jnp.roll(x, -start, axis=1)  # noqa: E731
-    lab_c = _to_chunks(align(lab), chunk, n_chunks, terms.IGNORE_INDEX)
-    hs = _to_chunks(align(hidden), chunk, n_chunks, 0)
+    lab_c, (hs,) = chunk_by_labels(lab, chunk_size, hidden)
     alpha = jnp.zeros((rows,), _f32)
     sums = _scan_sums(cs, hs, head, None, None, lab_c, alpha, jnp.zeros((), _f32), remat=True)
     tokens = jnp.sum(lab != terms.IGNORE_INDEX, axis=1).astype(jnp.int32)

@@ -42,10 +42,7 @@ def objective(name: str, student_logits: jax.Array, teacher_logits: jax.Array | 
         if teacher_logits.ndim != 3 or teacher_logits.shape[:2] != (n, t):
             raise ValueError(f"teacher_logits: expected shape [{n}, {t}, V], "
                              f"got {teacher_logits.shape}")
-        if teacher_logits.shape[2] != v:
-            raise ValueError(
-                f"teacher_logits vocab width {teacher_logits.shape[2]} != student_logits width "
-                f"{v}: slice both to the shared tokenizer vocabulary before calling")
+        terms.check_vocab(teacher_logits.shape[2], v, "teacher_logits", "student_logits")
     spec = terms.make_spec(name, num_pairs, beta, skew_stopgrad, reduction, normalization,
                            teacher_logits is not None)
     terms.check_labels(labels, n, t, num_pairs, "student_logits")

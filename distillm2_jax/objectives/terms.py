@@ -193,6 +193,13 @@ def shifted_labels(labels: jax.Array) -> jax.Array:
     return jnp.concatenate([labels[:, 1:], pad], axis=1)
 
 
+def check_vocab(teacher_width: int, student_width: int, teacher: str, student: str) -> None:
+    """Teacher and student must score the same vocabulary (a clear error otherwise)."""
+    if teacher_width != student_width:
+        raise ValueError(f"{teacher} vocab width {teacher_width} != {student} width {student_width}: "
+                         f"slice both to the shared tokenizer vocabulary before calling")
+
+
 def check_labels(labels, rows, length, num_pairs, what):
     """Labels must be [rows, length] with rows == 2 * num_pairs (a clear error otherwise)."""
     if labels.ndim != 2 or labels.shape != (rows, length):

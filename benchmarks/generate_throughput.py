@@ -11,6 +11,16 @@ faster setting is compared (on a busy machine OpenMP threads can spin).
 
     python benchmarks/generate_throughput.py                       # greedy
     python benchmarks/generate_throughput.py --temperature 0.8 --top-p 0.95
+
+`--lengths longtail` gives every row its own response length instead, drawn from a lognormal
+(median `--median`, sigma `--sigma`, capped at `--new-tokens`, default 1024) and forced through
+per-row `max_new_tokens`, on `--rows` prompts (default 64) decoded `--batch` at a time. It then
+compares, in the same interleaved rounds, the sampler's continuous batching (finished slots
+refilled at once), its static batches (a batch runs until its longest row ends) and HF
+`generate` on the same static batches (each batch runs to its longest row with
+`min_new_tokens`, as if the others had stopped). Rates count the rows' own tokens only:
+
+    python benchmarks/generate_throughput.py --lengths longtail
 """
 from __future__ import annotations
 
@@ -34,7 +44,12 @@ def main() -> int:
     ap.add_argument("--intermediate", type=int, default=688)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=None,
+                    help="new tokens per row (uniform; default 128) or the cap (longtail; default 1024)")
+    ap.add_argument("--lengths", choices=["uniform", "longtail"], default="uniform")
+    ap.add_argument("--rows", type=int, default=64, help="prompts (longtail)")
+    ap.add_argument("--median", type=float, default=200.0, help="median response length (longtail)")
+    ap.add_argument("--sigma", type=float, default=1.0, help="lognormal sigma of the lengths (longtail)")
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--top-k", type=int, default=0)
@@ -45,25 +60,17 @@ def main() -> int:
                     help="torch thread counts to try for HF (the faster is compared; default 1,2; "
                          "use 1 on a busy machine, where 2 OpenMP threads can take minutes)")
     args = ap.parse_args()
+    if args.new_tokens is None:
+        args.new_tokens = 1024 if args.lengths == "longtail" else 128
+    if args.lengths == "longtail":
+        return longtail(args)
 
     import jax
-    import jax.numpy as jnp
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
 
     from distillm2_jax.generation import sample
-    from distillm2_jax.hf import from_pretrained
 
-    hf_cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                         num_key_value_heads=args.heads, max_position_embeddings=2048,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    torch.manual_seed(0)
-    tdtype = getattr(torch, args.dtype)
-    hf = AutoModelForCausalLM.from_config(hf_cfg, dtype=tdtype).eval()
-    tmp = Path(tempfile.mkdtemp())
-    hf.save_pretrained(str(tmp))
-    model = from_pretrained(tmp, dtype=getattr(jnp, args.dtype))
+    hf, model = _model(args)
 
     rng = np.random.default_rng(0)
     lengths = rng.integers(16, 33, args.batch)
@@ -75,7 +82,7 @@ def main() -> int:
         ids[i, P - len(p):] = p
         mask[i, P - len(p):] = 1
     n_tokens = args.batch * args.new_tokens
-    settings = (f"greedy" if args.temperature == 0 else
+    settings = ("greedy" if args.temperature == 0 else
                 f"temperature {args.temperature}, top-p {args.top_p}, top-k {args.top_k}")
     print(f"model: llama, {args.layers} layers, hidden {args.hidden}, heads {args.heads}, "
           f"intermediate {args.intermediate}, vocab {args.vocab}, {args.dtype}; "
@@ -148,6 +155,105 @@ def main() -> int:
               f"median run {float(np.median(hf_runs[med_thr])) / float(np.median(jax_times)):.2f}x "
               f"(HF {med_thr} thread(s))")
     print(f"jax compile (first call minus median run): {compile_s:.2f} s, not counted above")
+    return 0
+
+
+def _model(args):
+    """The random HF Llama of the benchmark (torch, eval mode) and the same weights in JAX."""
+    import jax.numpy as jnp
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from distillm2_jax.hf import from_pretrained
+
+    hf_cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                         num_key_value_heads=args.heads, max_position_embeddings=4096,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(hf_cfg, dtype=getattr(torch, args.dtype)).eval()
+    tmp = Path(tempfile.mkdtemp())
+    hf.save_pretrained(str(tmp))
+    return hf, from_pretrained(tmp, dtype=getattr(jnp, args.dtype))
+
+
+def longtail(args) -> int:
+    """Continuous vs static batching vs HF generate on long-tailed per-row response lengths."""
+    import jax
+    import torch
+
+    from distillm2_jax.generation import sample
+
+    hf, model = _model(args)
+    rng = np.random.default_rng(0)
+    limits = np.minimum(np.maximum(1, np.round(args.median * np.exp(args.sigma * rng.standard_normal(args.rows)))),
+                        args.new_tokens).astype(int).tolist()
+    prompts = [rng.integers(3, args.vocab, n).tolist() for n in rng.integers(16, 33, args.rows)]
+    useful = sum(limits)
+    print(f"model: llama, {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}, {args.dtype}; "
+          f"{model.config.num_params() / 1e6:.1f}M params; jax {jax.__version__}, torch {torch.__version__}, "
+          f"{os.cpu_count()} CPU cores")
+    print(f"{args.rows} rows, batch {args.batch}; response lengths lognormal(median {args.median:g}, sigma "
+          f"{args.sigma:g}) capped at {args.new_tokens}: min {min(limits)}, median {int(np.median(limits))}, "
+          f"mean {np.mean(limits):.0f}, max {max(limits)}; {useful} tokens in all; greedy, no stop token")
+    batches = [range(i, min(i + args.batch, args.rows)) for i in range(0, args.rows, args.batch)]
+    static_work = sum(len(b) * max(limits[r] for r in b) for b in batches)
+    print(f"static batches decode {static_work} row-steps for them ({static_work / useful:.2f}x)")
+    kw = dict(max_new_tokens=limits, temperature=0.0, eos_ids=(), batch_size=args.batch)
+
+    def jax_run(continuous):
+        def run():
+            res = sample(model, prompts, continuous=continuous, **kw)
+            assert [r.new_tokens for r in res] == limits
+            return res
+        return run
+
+    def hf_run():
+        torch.set_num_threads(1)
+        with torch.no_grad():
+            for b in batches:
+                rows = [prompts[r] for r in b]
+                P = max(len(p) for p in rows)
+                ids = torch.zeros((len(rows), P), dtype=torch.long)
+                mask = torch.zeros((len(rows), P), dtype=torch.long)
+                for i, p in enumerate(rows):
+                    ids[i, P - len(p):] = torch.tensor(p)
+                    mask[i, P - len(p):] = 1
+                n = max(limits[r] for r in b)
+                hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                            do_sample=False, pad_token_id=0, eos_token_id=2)
+
+    runs = {"jax continuous": jax_run(True), "jax static": jax_run(False)}
+    if not args.skip_hf:
+        runs["hf generate (1 thr)"] = hf_run
+    first = {}
+    for name in ("jax continuous", "jax static"):
+        t = time.perf_counter()
+        out = runs[name]()
+        first[name] = time.perf_counter() - t
+        if name == "jax continuous":
+            reference = [r.tokens for r in out]
+        else:
+            assert [r.tokens for r in out] == reference, "continuous and static batching disagree"
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(args.repeats):
+        for name, fn in runs.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    print(f"{'':24s}{'best tok/s':>12s}{'median':>12s}   seconds per run ({args.repeats} interleaved rounds)")
+    for name, ts in times.items():
+        print(f"{name:24s}{useful / min(ts):12.1f}{useful / float(np.median(ts)):12.1f}   "
+              f"{' '.join(f'{x:.2f}' for x in ts)}")
+    c, s_ = times["jax continuous"], times["jax static"]
+    print(f"continuous / static: best run {min(s_) / min(c):.2f}x, median run "
+          f"{float(np.median(s_)) / float(np.median(c)):.2f}x (greedy tokens identical)")
+    if "hf generate (1 thr)" in times:
+        h = times["hf generate (1 thr)"]
+        print(f"continuous / hf generate: best run {min(h) / min(c):.2f}x, median run "
+              f"{float(np.median(h)) / float(np.median(c)):.2f}x")
+    print("jax compile (first run minus median run): " + ", ".join(
+        f"{name} {first[name] - float(np.median(times[name])):.1f} s" for name in first))
     return 0
 
 

@@ -3,13 +3,13 @@
     from distillm2_jax.generation import generate_file
     summary = generate_file(model, "prompts.jsonl", "out.jsonl", tokenizer=tok, seed=42)
 
-The prompts are templated with the tokenizer, sampled batch by batch (`sampler.iter_sample`)
-and written as generation records (`data.generations`) by `writer.GenerationWriter`, which
-resumes after the last complete row of an earlier run with the same arguments. Since each row's
-random key depends on (seed, row id) and batches are fixed groups of the source order, a resumed
-file ends as an uninterrupted run writes it. On several processes every one samples its share
-of each batch, all start from process 0's resume point, and process 0 writes. See
-docs/generation.md.
+The prompts are templated with the tokenizer, sampled with continuous batching
+(`sampler.iter_sample`, results in source order) and written as generation records
+(`data.generations`) by `writer.GenerationWriter`, which resumes after the last complete row
+of an earlier run with the same arguments. Since each row's tokens depend only on (seed, row
+id, prompt), never on which rows decoded beside it, a resumed file ends as an uninterrupted run
+writes it. On several processes every one decodes its share of the slots, all start from
+process 0's resume point, and process 0 writes. See docs/generation.md.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from distillm2_jax.data.generations import make_generation_record, tokenizer_fin
 from distillm2_jax.data.prompts import load_templated_prompts
 from distillm2_jax.data.tokenizer import load_tokenizer
 from distillm2_jax.errors import UserError
-from distillm2_jax.generation.sampler import FINISH_STOP, Result, iter_sample, model_parts, rows_per_batch
+from distillm2_jax.generation.sampler import FINISH_STOP, Result, iter_sample, model_parts
 from distillm2_jax.generation.writer import GenerationWriter, model_files_digest, prompts_digest
 
 
@@ -123,7 +123,6 @@ def generate_file(model, prompts, out: str | os.PathLike, *, tokenizer,
     ids = [str(p.id) for p in prompts]
     writer = GenerationWriter(out, args, info, is_writer=jax.process_index() == 0)
     existing = _agreed(writer.resume(ids, overwrite=overwrite))
-    B = rows_per_batch(batch_size, mesh)
     reasons: dict[str, int] = {}
     written = new_tokens = 0
     writer.start()
@@ -132,10 +131,10 @@ def generate_file(model, prompts, out: str | os.PathLike, *, tokenizer,
             for rows, results in iter_sample(
                     (params, cfg, cdt), [p.input_ids for p in prompts], max_new_tokens=max_new_tokens,
                     temperature=temperature, top_p=top_p, top_k=top_k, eos_ids=stops, seed=seed,
-                    batch_size=B, mesh=mesh, row_ids=ids, pad_id=pad_token_id(tokenizer),
-                    start_batch=existing // B, progress=progress, sync_every=sync_every,
+                    batch_size=batch_size, mesh=mesh, row_ids=ids, pad_id=pad_token_id(tokenizer),
+                    start_row=existing, progress=progress, sync_every=sync_every,
                     desc=writer.out.name):
-                keep = [(r, res) for r, res in zip(rows, results) if r >= existing]
+                keep = list(zip(rows, results))
                 sampled = [response_ids(res) for _, res in keep]
                 texts = tokenizer.batch_decode(sampled, skip_special_tokens=True)
                 writer.append([make_generation_record(

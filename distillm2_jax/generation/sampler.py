@@ -1,11 +1,13 @@
-"""Sample continuations of token-id prompts in fixed batches with the compiled JAX sampler.
+"""Sample continuations of token-id prompts with the compiled JAX sampler, continuously batched.
 
-`iter_sample` splits the prompts into batches of a fixed size in the given order (the last
-batch padded with dummy rows), left-pads each batch to a length bucket (powers of two from 16),
-and runs the compiled prefill + decode loop of `distillm2_jax.sampling`, syncing with the host
-every `sync_every` steps for the progress bar and to stop early once every row is done. So a run
-compiles one program per prompt-length bucket, whatever the number of prompts, and each row's
-random stream depends only on (seed, row id), never on how rows were batched.
+`iter_sample` keeps `batch_size` slots decoding (`slots.run_slots`): as soon as rows finish,
+the next prompts (in the given order, left-padded to a length bucket: powers of two from 16)
+are prefilled into their slots while the other rows keep decoding, so on long-tailed response
+lengths no slot idles until the batch's longest row ends (`continuous=False` gives that static
+behaviour, for comparison). A run compiles a bounded number of programs whatever the number of
+prompts, the weights are used in place (no second copy), and each row's random stream depends
+only on (seed, row id), never on its slot or on what else decodes: greedy and seeded outputs
+are those of static batches. Results come back in row order.
 """
 from __future__ import annotations
 
@@ -23,13 +25,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from distillm2_jax import sharding as shd
 from distillm2_jax.models import param_shardings
 from distillm2_jax.models.config import ModelConfig
-from distillm2_jax.sampling.decode import (
-    SamplingConfig,
-    decode,
-    prefill,
-    stop_id_array,
-    unstack_layers_jit,
-)
+from distillm2_jax.generation.slots import run_slots
+from distillm2_jax.sampling.decode import SamplingConfig, stop_id_array
 
 MIN_BUCKET = 16
 FINISH_STOP, FINISH_LENGTH = "stop", "length"
@@ -96,10 +93,7 @@ def _batch_shards(mesh) -> int:
 
 
 def rows_per_batch(batch_size: int, mesh=None) -> int:
-    """Rows in each batch: `batch_size` rounded up to a multiple of the mesh's batch shards.
-
-    Batch b of `iter_sample` holds rows [b * B, (b + 1) * B) for this B.
-    """
+    """Decoding slots: `batch_size` rounded up to a multiple of the mesh's batch shards."""
     shards = _batch_shards(mesh)
     return -(-max(1, int(batch_size)) // shards) * shards
 
@@ -146,22 +140,19 @@ def _to_host(x) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- sampling
 
-def iter_sample(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
+def iter_sample(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int | Sequence[int],
                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                 eos_ids: Sequence[int] = (), seed: int = 0, batch_size: int = 8, mesh=None,
                 row_ids: Sequence[int | str] | None = None, pad_id: int = 0,
-                prompt_buckets: Sequence[int] | None = None, start_batch: int = 0,
-                progress: bool = False, sync_every: int = 32, desc: str = "generate"
+                prompt_buckets: Sequence[int] | None = None, start_row: int = 0,
+                progress: bool = False, sync_every: int = 32, desc: str = "generate",
+                continuous: bool = True, min_refill: int | None = None
                 ) -> Iterator[tuple[list[int], list[Result]]]:
-    """Yield (row indices, results) batch by batch, in order (see `sample` for the arguments).
-
-    Batch b holds rows [b * B, (b + 1) * B) (B = `rows_per_batch(batch_size, mesh)`);
-    `start_batch` skips the first batches without computing them.
+    """Yield (row indices, results) in row order, as soon as each run of rows is complete
+    (see `sample` for the arguments). `start_row` skips the first rows without computing them.
     """
     params, cfg, cdt = model_parts(model)
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
-    if max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
     if sync_every <= 0:
         raise ValueError(f"sync_every must be positive, got {sync_every}")
     prompts = [np.asarray(p, dtype=np.int64).reshape(-1) for p in prompt_ids]
@@ -170,74 +161,73 @@ def iter_sample(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: i
             raise ValueError(f"prompt {i} is empty")
         if p.min() < 0 or p.max() >= cfg.vocab_size:
             raise ValueError(f"prompt {i} has token ids outside [0, {cfg.vocab_size})")
+    limits = _row_limits(max_new_tokens, len(prompts))
     ids_of_rows = list(range(len(prompts))) if row_ids is None else list(row_ids)
     if len(ids_of_rows) != len(prompts):
         raise ValueError(f"{len(ids_of_rows)} row_ids for {len(prompts)} prompts")
     if mesh is not None and mesh.size == 1:
         mesh = None  # nothing to shard
-    B = rows_per_batch(batch_size, mesh)
+    S = rows_per_batch(batch_size, mesh)
     if mesh is not None:
         params = _params_on_mesh(params, cfg, mesh)
-    params = unstack_layers_jit(params)  # per-layer weights for the unrolled decode loop
-    static = dict(sampling=sampling, pad_id=int(pad_id), compute_dtype=cdt)
-    key = _put(jax.random.key(int(seed)), (), mesh)
-    stops = _put(stop_id_array(eos_ids), (), mesh)
-    n_batches = -(-len(prompts) // B)
+    static = dict(sampling=sampling, pad_id=int(pad_id), compute_dtype=cdt, mesh=mesh)
+    order = list(range(max(0, start_row), len(prompts)))
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(prompts), initial=min(start_batch * B, len(prompts)), desc=desc,
-               unit="prompt", disable=not progress, file=sys.stderr, dynamic_ncols=True)
-    total_new, t_start = 0, time.perf_counter()
+    bar = tqdm(total=len(prompts), initial=len(prompts) - len(order), desc=desc, unit="prompt",
+               disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    finished_tokens, t_start = 0, time.perf_counter()
+
+    def on_sync(in_flight: int) -> None:
+        if progress:
+            rate = (finished_tokens + in_flight) / max(time.perf_counter() - t_start, 1e-9)
+            bar.set_postfix_str(f"{rate:,.0f} tok/s", refresh=True)
+
+    pending: dict[int, Result] = {}
+    emit = order[0] if order else 0
     try:
-        for b in range(start_batch, n_batches):
-            rows = list(range(b * B, min((b + 1) * B, len(prompts))))
-            P = bucket_length(max(prompts[r].size for r in rows), prompt_buckets)
-            ids = np.full((B, P), pad_id, np.int32)
-            mask = np.zeros((B, P), bool)
-            real = np.zeros((B,), bool)
-            rid = np.zeros((B,), np.uint32)
-            for j, r in enumerate(rows):
-                n = prompts[r].size
-                ids[j, P - n:] = prompts[r]
-                mask[j, P - n:] = True
-                real[j] = True
-                rid[j] = row_seed(ids_of_rows[r])
-            mask[len(rows):, -1] = True  # dummy rows: one pad token, done from the start
-            state = prefill(params, cfg, _put(ids, ("batch", "length"), mesh),
-                            _put(mask, ("batch", "length"), mesh), key, _put(rid, ("batch",), mesh),
-                            _put(real, ("batch",), mesh), stops, max_new_tokens=max_new_tokens,
-                            record_logits=False, mesh=mesh, **static)
-            step = 1
-            while True:
-                done, num_new = _to_host(state.done), _to_host(state.num_new)
-                if progress:
-                    rate = (total_new + int(num_new[real].sum())) / max(time.perf_counter() - t_start, 1e-9)
-                    bar.set_postfix_str(f"{rate:,.0f} tok/s", refresh=True)
-                if done.all() or step >= max_new_tokens:
-                    break
-                step = min(step + sync_every, max_new_tokens)
-                state = decode(params, cfg, state, stops, jnp.int32(step), **static)
-            tokens, stopped = _to_host(state.tokens), _to_host(state.stopped)
-            results = []
-            for j, r in enumerate(rows):
-                n = int(num_new[j])
-                results.append(Result(tokens=tokens[j, :n].tolist(),
-                                      finish_reason=FINISH_STOP if stopped[j] else FINISH_LENGTH,
-                                      prompt_tokens=int(prompts[r].size), new_tokens=n))
-                total_new += n
-            bar.update(len(rows))
-            yield rows, results
+        for r, tokens, stopped in run_slots(
+                params, cfg, prompts, order, slots=S, shards=_batch_shards(mesh), limits=limits,
+                seeds=[row_seed(i) for i in ids_of_rows], key=_put(jax.random.key(int(seed)), (), mesh),
+                stops=_put(stop_id_array(eos_ids), (), mesh), static=static,
+                bucket=lambda n: bucket_length(n, prompt_buckets), pad_id=int(pad_id),
+                put=lambda x, axes: _put(x, axes, mesh), to_host=_to_host, continuous=continuous,
+                min_refill=min_refill, sync_every=sync_every, on_sync=on_sync):
+            pending[r] = Result(tokens=tokens.tolist(), finish_reason=FINISH_STOP if stopped else FINISH_LENGTH,
+                                prompt_tokens=int(prompts[r].size), new_tokens=int(tokens.size))
+            finished_tokens += int(tokens.size)
+            bar.update(1)
+            ready = []
+            while emit in pending:
+                ready.append(emit)
+                emit += 1
+            if ready:
+                yield ready, [pending.pop(i) for i in ready]
     finally:
         bar.close()
 
 
-def sample(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
+def _row_limits(max_new_tokens, n: int) -> list[int]:
+    """Per-row max new tokens from one int or one int per prompt (each must be positive)."""
+    if isinstance(max_new_tokens, (int, np.integer)):
+        limits = [int(max_new_tokens)] * n
+    else:
+        limits = [int(x) for x in max_new_tokens]
+        if len(limits) != n:
+            raise ValueError(f"{len(limits)} max_new_tokens values for {n} prompts")
+    bad = [i for i, x in enumerate(limits) if x <= 0]
+    if bad:
+        raise ValueError(f"max_new_tokens must be positive, got {limits[bad[0]]} (row {bad[0]})")
+    return limits
+
+
+def sample(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int | Sequence[int],
            temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
            eos_ids: Sequence[int] = (), seed: int = 0, batch_size: int = 8, mesh=None,
            row_ids: Sequence[int | str] | None = None, pad_id: int = 0,
            prompt_buckets: Sequence[int] | None = None, progress: bool = False,
-           sync_every: int = 32) -> list[Result]:
+           sync_every: int = 32, continuous: bool = True, min_refill: int | None = None) -> list[Result]:
     """Generate a continuation of every prompt (token id lists); one `Result` per prompt, in order.
 
     model: a `models.Decoder` or a `(params, ModelConfig)` pair (e.g. the student's current
@@ -246,12 +236,18 @@ def sample(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
     seed + row_ids (default: the prompt's index; strings are hashed) fix each row's random
     stream, independent of batching. mesh: shard the batch over its data/fsdp axes (params are
     placed by the logical rules unless already on the mesh). pad_id only fills padding.
+    max_new_tokens: one limit for all rows or one per prompt. batch_size: decoding slots (rounded
+    up to a multiple of the mesh's batch shards). continuous: refill finished slots with the next
+    prompts while the others decode (False: static batches of consecutive rows); min_refill:
+    slots that must be free before a refill (default `max(batch shards, slots // 8)`).
+    sync_every: decode steps between host checks (progress bar, collecting finished rows).
     """
     out: list[Result] = []
     for _, results in iter_sample(model, prompt_ids, max_new_tokens=max_new_tokens,
                                   temperature=temperature, top_p=top_p, top_k=top_k,
                                   eos_ids=eos_ids, seed=seed, batch_size=batch_size, mesh=mesh,
                                   row_ids=row_ids, pad_id=pad_id, prompt_buckets=prompt_buckets,
-                                  progress=progress, sync_every=sync_every):
+                                  progress=progress, sync_every=sync_every, continuous=continuous,
+                                  min_refill=min_refill):
         out.extend(results)
     return out

@@ -1,8 +1,12 @@
 """Import a Hugging Face checkpoint folder (config.json + safetensors) as a sharded Decoder.
 
-Each parameter is created with `jax.make_array_from_callback`: every device (and, on a
-multi-host mesh, every host) reads only the slice of the safetensors tensors it holds, so a
-model larger than one device never exists as a full copy per device. Pickle-based `.bin`
+Each parameter is built one device at a time: every device (and, on a multi-host mesh, every
+host) reads only the slice of the safetensors tensors it holds, and that slice is handed to its
+device before the next one is read, so a model larger than one device never exists as a full
+copy per device, and the host holds one device's slice at a time on top of what the devices
+hold (not a whole parameter, as `jax.make_array_from_callback` would: it reads every device's
+slice before placing any). Each read maps the file only while it reads, so the checkpoint's
+pages do not stay in the process's resident set for the whole load. Pickle-based `.bin`
 checkpoints are refused (they can run code on load).
 """
 from __future__ import annotations
@@ -24,6 +28,8 @@ from distillm2_jax.models.config import ModelConfig, from_hf, load_hf_config
 from distillm2_jax.models.decoder import Decoder, param_specs
 
 INDEX_FILE = "model.safetensors.index.json"
+# The most bytes (counted as float32) of a stored tensor one read maps at a time.
+READ_BLOCK_BYTES = 64 * 1024**2
 SINGLE_FILE = "model.safetensors"
 
 
@@ -84,24 +90,60 @@ def _check_names(cfg: ModelConfig, files: dict[str, Path], model_dir: Path) -> N
             f"{path}: unexpected tensor '{name}' (not part of a {cfg.model_type} model with this config.json)")
 
 
-def _reader(tmap: TensorMap, cfg: ModelConfig, files, handles, shape, np_dtype):
-    """A make_array_from_callback callback reading only the requested slice of the tensor(s)."""
+def _reader(tmap: TensorMap, cfg: ModelConfig, files, shape, np_dtype):
+    """A callback index -> host array reading only the requested slice of the tensor(s).
+
+    Reads go through short-lived `safe_open`s, each over a block of at most `READ_BLOCK_BYTES`
+    of whole rows of the stored tensor: the file is mapped only while that block is copied out,
+    so its pages leave the process's resident set right after (a column slice, e.g. an fsdp
+    shard of the embedding, touches every row's pages: read at once, the whole tensor would be
+    resident).
+    """
     names = tmap.hf_names(cfg.num_layers)
+    hf_shape = _expected_hf_shape(tmap, shape)
 
     def read_one(name: str, idx: tuple[slice, ...]) -> np.ndarray:
-        tensor = handles[files[name]].get_slice(name)
-        sel = tuple(reversed(idx)) if tmap.transpose else idx
-        arr = tensor[sel] if sel else tensor[:]
-        return (arr.T if tmap.transpose else arr).astype(np_dtype)
+        sel = tuple(reversed(idx)) if tmap.transpose else idx  # in the stored (HF) order
+        start, stop, step = sel[0].indices(hf_shape[0])
+        rest = sel[1:]
+        row_elems = int(np.prod(hf_shape[1:], dtype=np.int64))
+        block = max(1, READ_BLOCK_BYTES // (4 * row_elems))
+        out = None
+        for r0 in range(start, stop, block * step):
+            r1 = min(stop, r0 + block * step)
+            with safe_open(str(files[name]), framework="numpy") as handle:
+                part = handle.get_slice(name)[(slice(r0, r1, step),) + rest]
+            if out is None:
+                out = np.empty((len(range(start, stop, step)),) + part.shape[1:], np_dtype)
+            k = (r0 - start) // step
+            out[k:k + part.shape[0]] = part
+        if out is None:  # an empty selection
+            out = np.empty((0,) + tuple(len(range(*s.indices(n))) for s, n in zip(rest, hf_shape[1:])), np_dtype)
+        return out.T if tmap.transpose else out
 
     def callback(index: tuple[slice, ...]) -> np.ndarray:
         index = tuple(index) + (slice(None),) * (len(shape) - len(index))
         if tmap.stacked:
             layer_ids = range(cfg.num_layers)[index[0]]
-            return np.stack([read_one(names[i], index[1:]) for i in layer_ids])
+            first = read_one(names[layer_ids[0]], index[1:]) if len(layer_ids) else None
+            out = np.empty((len(layer_ids),) + (first.shape if first is not None else ()), np_dtype)
+            for j, i in enumerate(layer_ids):  # filled in place: no list of slices plus a stacked copy
+                out[j] = first if j == 0 else read_one(names[i], index[1:])
+            return out
         return read_one(names[0], index)
 
     return callback
+
+
+def _place(shape, sharding, callback) -> jax.Array:
+    """`jax.make_array_from_callback`, one device at a time: each device's slice is read, put on
+    its device and waited for before the next slice is read, so the host never holds more than
+    one slice beyond the device buffers (with CPU devices those are host memory too)."""
+    arrays = []
+    for device, index in sharding.addressable_devices_indices_map(shape).items():
+        arrays.append(jax.device_put(callback(index), device))
+        arrays[-1].block_until_ready()
+    return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
 
 
 def load_params(model_dir: str | Path, cfg: ModelConfig, dtype=jnp.float32, mesh=None, rules=None):
@@ -131,8 +173,7 @@ def load_params(model_dir: str | Path, cfg: ModelConfig, dtype=jnp.float32, mesh
                 sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
             else:
                 sharding = shd.named_sharding(axes, shape, mesh, rules)
-            array = jax.make_array_from_callback(
-                shape, sharding, _reader(tmap, cfg, files, handles, shape, np_dtype))
+            array = _place(shape, sharding, _reader(tmap, cfg, files, shape, np_dtype))
             if len(tmap.path) == 1:
                 params[tmap.path[0]] = array
             else:

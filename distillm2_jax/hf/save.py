@@ -41,7 +41,7 @@ def _hf_tensors(model: Decoder, np_dtype):
     cfg = model.config
     for tmap in tensor_maps(cfg):
         value = params[tmap.path[0]] if len(tmap.path) == 1 else params["layers"][tmap.path[1]]
-        host = _to_host(value).astype(np_dtype)
+        host = _to_host(value).astype(np_dtype, copy=False)  # no second copy when the dtype matches
         names = tmap.hf_names(cfg.num_layers)
         for i, name in enumerate(names):
             arr = host[i] if tmap.stacked else host

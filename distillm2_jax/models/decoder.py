@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from distillm2_jax.models import rope
+from distillm2_jax.models import kv_cache, rope
 from distillm2_jax.models.config import ModelConfig
 from distillm2_jax.models.kv_cache import KVCache
 from distillm2_jax.models.attention import MAX_QUERY_BLOCKS
@@ -115,33 +115,6 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, init_std: f
     return map_specs(make, specs)
 
 
-# ----------------------------------------------------------------------------- layer weights
-
-def unstack_layers(params: Params) -> Params:
-    """params with `layers` as a tuple of L per-layer dicts (from stacked [L, ...] leaves).
-
-    The cached forward runs its layers unrolled; per-layer arrays spare it a copy of every
-    layer's weights per call (the slices of stacked leaves), at the price of a second copy of
-    the layer weights while they are kept.
-    """
-    layers = params["layers"]
-    if isinstance(layers, (tuple, list)):
-        return params
-    n = jax.tree.leaves(layers)[0].shape[0]
-    return {**params, "layers": tuple({k: w[i] for k, w in layers.items()} for i in range(n))}
-
-
-unstack_layers_jit = jax.jit(unstack_layers)
-
-
-def layer_params(params: Params, i: int) -> Params:
-    """Layer i's weights from stacked or `unstack_layers`-ed params."""
-    layers = params["layers"]
-    if isinstance(layers, (tuple, list)):
-        return layers[i]
-    return {k: w[i] for k, w in layers.items()}
-
-
 # ----------------------------------------------------------------------------- forward
 
 def _embed(params: Params, cfg: ModelConfig, ids: jax.Array, dtype) -> jax.Array:
@@ -173,12 +146,13 @@ def forward(params: Params, cfg: ModelConfig, input_ids: jax.Array,
             max_query_blocks: int = MAX_QUERY_BLOCKS, flatten_linear: bool = True):
     """Final-norm hidden states [B, T, H] (and the updated cache, or None).
 
-    Without a cache, key slots are the T input positions and the stacked layers run under one
-    `lax.scan` (with `remat`). With one (`init_cache`), the T new tokens are written at slots
-    [cache.index, cache.index + T) and attend to every valid earlier slot; the layers then run
-    unrolled over per-layer weights and caches (params stacked or `unstack_layers`-ed), which
-    is what makes decoding fast on XLA:CPU (see `kv_cache`). Both run `layer.decoder_layer`.
-    Causality and sliding windows are measured in slots, as HF's masks do.
+    Without a cache, key slots are the T input positions. With one (`init_cache`), row b's T
+    new tokens are written at its slots [cache.index[b], cache.index[b] + T) and attend to
+    every valid earlier slot (rows may be at different lengths). Either way the stacked layers
+    run under one `lax.scan` of `layer.decoder_layer` (the cache rides in the carry), so only
+    one layer's weights are ever sliced at a time: decoding holds no second copy of them.
+    `remat` applies to the cache-free scan. Causality and sliding windows are measured in
+    slots, as HF's masks do.
 
     `max_query_blocks` and `flatten_linear` change speed, not results (`layer`).
     """
@@ -195,11 +169,11 @@ def forward(params: Params, cfg: ModelConfig, input_ids: jax.Array,
     else:
         if positions is None:
             positions = positions_from_mask(attention_mask, cache.valid.sum(-1).astype(jnp.int32))
-        key_valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask, (0, cache.index))
-        q_slot = cache.index + jnp.arange(T)
+        key_valid = kv_cache.write_valid(cache.valid, attention_mask, cache.index)
+        q_slot = cache.index[:, None] + jnp.arange(T)[None]           # [B, T]: per-row slots
     k_slot = jnp.arange(key_valid.shape[1])
-    distance = q_slot[:, None] - k_slot[None, :]                  # [T, S]
-    base_mask = key_valid[:, None, :] & (distance >= 0)[None]     # [B, T, S]
+    distance = q_slot[..., :, None] - k_slot                      # [T, S] or [B, T, S]
+    base_mask = key_valid[:, None, :] & (distance >= 0)           # [B, T, S]
 
     x = _embed(params, cfg, input_ids, cdt)
     cos, sin = rope.cos_sin(cfg, positions)
@@ -209,20 +183,25 @@ def forward(params: Params, cfg: ModelConfig, input_ids: jax.Array,
         def body(x, xs):
             p, window = xs
             in_window = (window == 0) | (distance < window)
-            return decoder_layer(cfg, p, x, cos, sin, base_mask & in_window[None], **tuning)
+            return decoder_layer(cfg, p, x, cos, sin, base_mask & in_window, **tuning)
 
-        windows = jnp.asarray(cfg.layer_windows, jnp.int32)
+        windows = jnp.asarray(cfg.layer_windows or (0,) * cfg.num_layers, jnp.int32)
         x, _ = jax.lax.scan(_with_remat(body, remat), x, (params["layers"], windows))
         return rms_norm(x, params["final_norm"], cfg.rms_norm_eps, cfg.norm_plus_one), None
 
-    ks, vs = list(cache.k), list(cache.v)
-    for i in range(cfg.num_layers):
-        window = cfg.layer_windows[i] if cfg.layer_windows else 0
-        mask = base_mask if not window else base_mask & (distance < window)[None]
-        x, (ks[i], vs[i]) = decoder_layer(cfg, layer_params(params, i), x, cos, sin, mask,
-                                          (ks[i], vs[i]), cache.index, **tuning)
+    def cached_body(carry, xs):
+        x, ks, vs = carry
+        p, window, i = xs
+        in_window = (window == 0) | (distance < window)
+        x, (k, v) = decoder_layer(cfg, p, x, cos, sin, base_mask & in_window, (ks[i], vs[i]),
+                                  cache.index, **tuning)
+        return (x, ks.at[i].set(k), vs.at[i].set(v)), None
+
+    windows = jnp.asarray(cfg.layer_windows or (0,) * cfg.num_layers, jnp.int32)
+    (x, ks, vs), _ = jax.lax.scan(cached_body, (x, cache.k, cache.v),
+                                  (params["layers"], windows, jnp.arange(cfg.num_layers)))
     hidden = rms_norm(x, params["final_norm"], cfg.rms_norm_eps, cfg.norm_plus_one)
-    return hidden, KVCache(tuple(ks), tuple(vs), key_valid, cache.index + T)
+    return hidden, KVCache(ks, vs, key_valid, cache.index + T)
 
 
 def forward_pairs(params: Params, cfg: ModelConfig, prompt_ids: jax.Array, prompt_mask: jax.Array,
@@ -260,7 +239,7 @@ def forward_pairs(params: Params, cfg: ModelConfig, prompt_ids: jax.Array, promp
     x = jnp.concatenate([_embed(params, cfg, prompt_ids, cdt),
                          _embed(params, cfg, response_ids, cdt).reshape(B, 2 * R, H)], axis=1)
     ropes = (rope.cos_sin(cfg, pos_p), rope.cos_sin(cfg, pos_r))
-    windows = jnp.asarray(cfg.layer_windows, jnp.int32)
+    windows = jnp.asarray(cfg.layer_windows or (0,) * cfg.num_layers, jnp.int32)
 
     def body(x, xs):
         p, window = xs

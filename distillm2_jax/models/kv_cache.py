@@ -1,8 +1,12 @@
-"""The KV cache of `decoder.forward(..., cache=...)`: one buffer per layer, laid out [B, Hkv, S, D].
+"""The KV cache of `decoder.forward(..., cache=...)`: keys and values laid out [L, B, Hkv, S, D].
 
-Per-layer buffers (not one stacked [L, ...] array under a layer scan) and heads before slots
-are what make decoding fast on XLA:CPU: each step updates every layer's buffer in place and
-the attention dots read it without a transpose copy (see `sampling.decode`).
+The layers stack on the leading axis like the weights, so the forward's layer scan carries
+the cache and updates layer i in place; heads come before slots so that the attention dots
+read a layer without a transpose copy (see `sampling.decode`).
+
+Every row has its own write index, so rows of one cache may be at different lengths: the
+continuous-batching sampler refills a finished row's slot with a new prompt (`insert_rows`)
+while the other rows keep decoding.
 """
 from __future__ import annotations
 
@@ -14,32 +18,59 @@ import jax.numpy as jnp
 from distillm2_jax import sharding as shd
 from distillm2_jax.models.config import ModelConfig
 
-CACHE_AXES = ("batch", "kv_heads", "length", "head_dim")
+CACHE_AXES = ("layers", "batch", "kv_heads", "length", "head_dim")
 
 
 class KVCache(NamedTuple):
     """Keys/values of every layer for `max_length` slots; `valid` marks slots holding tokens."""
 
-    k: tuple[jax.Array, ...]  # L x [B, Hkv, S, D]
-    v: tuple[jax.Array, ...]  # L x [B, Hkv, S, D]
+    k: jax.Array              # [L, B, Hkv, S, D]
+    v: jax.Array              # [L, B, Hkv, S, D]
     valid: jax.Array          # [B, S] bool
-    index: jax.Array          # [] int32: next slot to write (the same for all rows)
+    index: jax.Array          # [B] int32: each row's next slot to write
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_length: int, dtype=jnp.float32, mesh=None) -> KVCache:
     """An empty cache of `max_length` slots (batch and kv heads sharded on `mesh` inside jit)."""
-    shape = (batch, cfg.num_kv_heads, max_length, cfg.head_dim)
+    shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_length, cfg.head_dim)
     zeros = lambda: shd.constrain(jnp.zeros(shape, dtype), CACHE_AXES, mesh)  # noqa: E731
-    return KVCache(tuple(zeros() for _ in range(cfg.num_layers)),
-                   tuple(zeros() for _ in range(cfg.num_layers)),
+    return KVCache(zeros(), zeros(),
                    shd.constrain(jnp.zeros((batch, max_length), bool), ("batch", "length"), mesh),
-                   jnp.zeros((), jnp.int32))
+                   jnp.zeros((batch,), jnp.int32))
+
+
+def _write_rows(buffer, update, index, axis: int):
+    """buffer with each row's `update` written at its own offset index[b] along `axis`."""
+    def one(buf, upd, i):
+        start = [0] * buf.ndim
+        start[axis - 1] = i
+        return jax.lax.dynamic_update_slice(buf, upd, start)
+    return jax.vmap(one)(buffer, update, index)
+
+
+def write_valid(valid: jax.Array, mask: jax.Array, index: jax.Array) -> jax.Array:
+    """valid [B, S] with each row's new token mask [B, T] written at slots [index[b], index[b] + T)."""
+    return _write_rows(valid, mask.astype(valid.dtype), index, axis=1)
 
 
 def write_layer(k_cache, v_cache, k, v, index):
-    """One layer's cache with new keys/values k, v [B, T, Hkv, D] written at slots [index, index + T)."""
-    k_cache = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype),
-                                           (0, 0, index, 0))
-    v_cache = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype),
-                                           (0, 0, index, 0))
+    """One layer's cache with new keys/values k, v [B, T, Hkv, D] written at each row's slots
+    [index[b], index[b] + T)."""
+    k_cache = _write_rows(k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype), index, axis=2)
+    v_cache = _write_rows(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype), index, axis=2)
     return k_cache, v_cache
+
+
+def insert_rows(cache: KVCache, rows: KVCache, dest: jax.Array) -> KVCache:
+    """`cache` with row j of `rows` (a cache of B' rows and S' <= S slots) copied into row
+    dest[j], at slots [0, S'); the rest of that row becomes empty. dest[j] >= B drops row j
+    (padding rows of a fixed-size group)."""
+    S_new = rows.valid.shape[1]
+
+    def put(buf, new):
+        return buf.at[:, dest, :, :S_new].set(new.astype(buf.dtype), mode="drop")
+
+    valid = jnp.zeros((rows.valid.shape[0], cache.valid.shape[1]), bool).at[:, :S_new].set(rows.valid)
+    return KVCache(put(cache.k, rows.k), put(cache.v, rows.v),
+                   cache.valid.at[dest].set(valid, mode="drop"),
+                   cache.index.at[dest].set(rows.index, mode="drop"))

@@ -1,4 +1,4 @@
-"""Token sampling: logit filters (`filters`) and the compiled prefill + decode loop (`decode`).
+"""Token sampling: logit filters (`filters`) and the compiled slot sampler (`decode`).
 
 The loop runs the model's own forward with a KV cache (`models.decoder.forward(...,
 cache=models.kv_cache.init_cache(...))`); there is no separate decoding copy of the layer.
@@ -6,16 +6,16 @@ cache=models.kv_cache.init_cache(...))`); there is no separate decoding copy of 
 The user-facing API (bucketing, batching, progress, result records, JSONL output) is
 `distillm2_jax.generation`; see docs/generation.md.
 """
-from distillm2_jax.models.decoder import unstack_layers, unstack_layers_jit
 from distillm2_jax.sampling.decode import (
     GREEDY,
     BatchOutput,
     DecodeState,
     SamplingConfig,
     decode,
+    empty_state,
     generate_batch,
+    insert,
     next_token,
-    prefill,
     row_keys_from_ids,
     sample_logits,
     stop_id_array,
@@ -30,7 +30,6 @@ from distillm2_jax.sampling.filters import (
 
 __all__ = [
     "GREEDY", "BatchOutput", "DecodeState", "SamplingConfig", "apply_temperature", "categorical",
-    "decode", "filter_logits", "generate_batch", "next_token", "prefill", "row_keys_from_ids",
-    "sample_logits", "stop_id_array", "top_k_filter", "top_p_filter", "unstack_layers",
-    "unstack_layers_jit",
+    "decode", "empty_state", "filter_logits", "generate_batch", "insert", "next_token",
+    "row_keys_from_ids", "sample_logits", "stop_id_array", "top_k_filter", "top_p_filter",
 ]

@@ -1,35 +1,35 @@
-"""The compiled sampler: batched prefill of left-padded prompts, then a `lax.while_loop`.
+"""The compiled sampler: a fixed number of slots, each holding one row of a KV cache.
 
-    layers = unstack_layers(params)        # once per generation run (see "Weights" below)
-    state = prefill(layers, cfg, ids, mask, key, row_ids, real, stop_ids, sampling=..., max_new_tokens=N)
-    state = decode(layers, cfg, state, stop_ids, limit, sampling=...)   # state donated
-    # or both at once:
+    state = empty_state(cfg, slots=S, cache_length=C, max_new_tokens=N, ...)   # all slots free
+    state = insert(params, cfg, state, ids, mask, dest, key, row_ids, limits, stop_ids, ...)
+    state = decode(params, cfg, state, stop_ids, max_steps, min_free, ...)
+    # or, for one left-padded batch:
     out = generate_batch(params, cfg, ids, mask, key, max_new_tokens=N, ...)
 
-`prefill` writes the prompt [B, P] into an empty KV cache of P + N slots (positions come
-from the mask, so left padding works) and draws the first new token from the last position.
-`decode` runs steps until `limit` new tokens exist or every row is done; its state (the KV
-cache included) is donated, so XLA updates it in place, and calling it again continues where
-it stopped. The host only looks at the state between `decode` calls (progress bar, early
-exit); nothing inside a call returns to Python.
+`insert` prefills a group of left-padded prompts [k, P] (positions come from the mask, so
+left padding works), draws each row's first new token and writes the rows into the slots
+`dest` (a slot's earlier row is gone; dest >= S drops a padding row). `decode` runs steps
+over all slots until `max_steps` steps have run, every slot is done, or at least `min_free`
+slots are done; its state (the KV cache included) is donated, so XLA updates it in place,
+and calling it again continues where it stopped. So a host loop can refill finished slots
+while the others keep decoding (continuous batching, `generation.sampler`), or insert a whole
+batch and decode it to the end (static batches). The host only looks at the state between
+calls; nothing inside a call returns to Python.
 
 The forward is the model's own: `models.decoder.forward(..., cache=...)` with a
-`models.kv_cache.KVCache`, i.e. the training forward's layer (`models.layer.decoder_layer`)
-unrolled over per-layer weights and per-layer caches laid out [B, Hkv, S, D] (why: see
-`models.kv_cache`). Tests check it against the cache-free forward's logits at every step and
-against HF `generate`.
-
-Weights: `unstack_layers` (from `models.decoder`) splits the stacked [L, ...] layer weights
-into L per-layer arrays once (an extra copy of the layer weights while generating). Stacked
-params work too (the layers are then sliced inside the loop: less memory, slower).
+`models.kv_cache.KVCache` [L, S, Hkv, C, D] whose rows each write at their own index, i.e.
+the training forward's layer scan over the stacked weights (`models.layer.decoder_layer`).
+The sampler makes no copy of the weights (one layer's slice at a time, inside the scan), and
+params may carry LoRA adapters (unmerged), which the layer applies. Tests check it against
+the cache-free forward's logits at every step and against HF `generate`.
 
 Rows: a row is done after emitting any id of `stop_ids` (that token is kept as its last new
-token) or after N new tokens; later slots hold `pad_id`. Dummy rows (`real=False`) that pad a
-batch to its fixed size start done and never delay the early exit.
+token) or after its own limit of new tokens; later positions hold `pad_id`. A done slot is
+free: its compute continues (masked, written nowhere valid) until a new row replaces it.
 
-Randomness: row r's key is `fold_in(key, row_ids[r])` and step t draws one uniform from
-`fold_in(row_key, t)`, so a row's tokens depend on (key, its row id, its prompt) only, not on
-which batch or batch position it lands in.
+Randomness: row r's key is `fold_in(key, row_ids[r])` and its t-th new token draws one
+uniform from `fold_in(row_key, t)`, so a row's tokens depend on (key, its row id, its prompt)
+only, not on its slot, its group or what else is decoding.
 """
 from __future__ import annotations
 
@@ -43,8 +43,8 @@ import jax.numpy as jnp
 
 from distillm2_jax import sharding as shd
 from distillm2_jax.models.config import ModelConfig
-from distillm2_jax.models.decoder import forward, logits_from_hidden, unstack_layers_jit
-from distillm2_jax.models.kv_cache import KVCache, init_cache
+from distillm2_jax.models.decoder import forward, logits_from_hidden
+from distillm2_jax.models.kv_cache import CACHE_AXES, KVCache, init_cache, insert_rows
 from distillm2_jax.sampling.filters import categorical, filter_logits
 
 
@@ -80,26 +80,28 @@ GREEDY = SamplingConfig(temperature=0.0)
 
 
 class DecodeState(NamedTuple):
-    cache: KVCache
-    tokens: jax.Array    # [B, N] int32 new tokens, pad_id after a row is done
-    last: jax.Array      # [B] int32 the token fed at the next step
-    done: jax.Array      # [B] bool
-    stopped: jax.Array   # [B] bool: ended by a stop token (finish reason "stop")
-    num_new: jax.Array   # [B] int32 new tokens per row (the stop token included)
-    step: jax.Array      # [] int32 new tokens drawn so far (the same for every row)
-    row_keys: jax.Array  # [B] typed PRNG keys
-    logits: jax.Array    # [B, N, V] float32 raw step logits (record_logits) or [B, 0, 0]
+    cache: KVCache       # S slots of C positions, each row with its own write index
+    tokens: jax.Array    # [S, N] int32 new tokens, pad_id after a row is done
+    last: jax.Array      # [S] int32 the token fed at the next step
+    done: jax.Array      # [S] bool (a done slot is free for a new row)
+    stopped: jax.Array   # [S] bool: ended by a stop token (finish reason "stop")
+    num_new: jax.Array   # [S] int32 new tokens per row (the stop token included)
+    limit: jax.Array     # [S] int32 each row's max new tokens (<= N)
+    row_keys: jax.Array  # [S] typed PRNG keys
+    logits: jax.Array    # [S, N, V] float32 raw step logits (record_logits) or [S, 0, 0]
 
 
 def sample_logits(logits: jax.Array, row_keys: jax.Array, step, *, temperature=1.0, top_k: int = 0,
                   top_p=1.0) -> jax.Array:
-    """Draw [B] tokens from filter_logits(logits [B, V]); row b uses fold_in(row_keys[b], step).
+    """Draw [B] tokens from filter_logits(logits [B, V]); row b uses fold_in(row_keys[b], step[b]).
 
-    One uniform per row drives an inverse-CDF draw (`filters.categorical`). temperature and
-    top_p may be traced scalars; top_k is static.
+    `step` is a scalar or [B] (each row's count of earlier new tokens). One uniform per row
+    drives an inverse-CDF draw (`filters.categorical`). temperature and top_p may be traced
+    scalars; top_k is static.
     """
     x = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
-    u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, step)))(row_keys)
+    steps = jnp.broadcast_to(jnp.asarray(step, jnp.uint32), row_keys.shape)
+    u = jax.vmap(lambda k, t: jax.random.uniform(jax.random.fold_in(k, t)))(row_keys, steps)
     return categorical(u, x)
 
 
@@ -119,60 +121,92 @@ def row_keys_from_ids(key: jax.Array, row_ids: jax.Array) -> jax.Array:
 
 def _advance(state: DecodeState, logits: jax.Array, stop_ids: jax.Array, *,
              sampling: SamplingConfig, pad_id: int) -> DecodeState:
-    """Draw step `state.step`'s tokens from logits [B, V] and update the row bookkeeping."""
+    """Draw each active row's next token from logits [S, V] and update the row bookkeeping."""
     N = state.tokens.shape[1]
     active = ~state.done
-    tok = jnp.where(active, next_token(logits, state.row_keys, state.step, sampling), pad_id)
-    tokens = jax.lax.dynamic_update_slice(state.tokens, tok[:, None], (0, state.step))
+    t = state.num_new
+    tok = jnp.where(active, next_token(logits, state.row_keys, t, sampling), pad_id)
+    at_t = (jnp.arange(N)[None, :] == t[:, None]) & active[:, None]            # [S, N]
+    tokens = jnp.where(at_t, tok[:, None], state.tokens)
     hit = active & jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
-    step = state.step + 1
+    num_new = t + active.astype(jnp.int32)
     recorded = state.logits
     if recorded.shape[1]:
-        recorded = jax.lax.dynamic_update_slice(recorded, logits[:, None].astype(recorded.dtype),
-                                                (0, state.step, 0))
-    return state._replace(tokens=tokens, last=tok, done=state.done | hit | (step >= N),
-                          stopped=state.stopped | hit, num_new=state.num_new + active.astype(jnp.int32),
-                          step=step, logits=recorded)
+        recorded = jnp.where(at_t[..., None], logits[:, None].astype(recorded.dtype), recorded)
+    return state._replace(tokens=tokens, last=tok, done=state.done | hit | (num_new >= state.limit),
+                          stopped=state.stopped | hit, num_new=num_new, logits=recorded)
 
 
-def _prefill(params, cfg: ModelConfig, ids, mask, key, row_ids, real, stop_ids, *,
-             sampling: SamplingConfig, max_new_tokens: int, pad_id: int, compute_dtype,
-             record_logits: bool, mesh) -> DecodeState:
-    B, P = ids.shape
-    N = max_new_tokens
-    cdt = jnp.dtype(compute_dtype or params["embed"].dtype)
-    cache = init_cache(cfg, B, P + N, cdt, mesh)
-    hidden, cache = forward(params, cfg, ids, mask, cache=cache, compute_dtype=cdt)
-    logits = logits_from_hidden(params, cfg, hidden[:, -1])
-    V = logits.shape[-1]
+def _constrain(state: DecodeState, mesh) -> DecodeState:
+    """The state's slots sharded over the mesh's batch axes (one layout across calls)."""
+    if mesh is None:
+        return state
+    rows = lambda x: shd.constrain(x, ("batch",) + (None,) * (x.ndim - 1), mesh)  # noqa: E731
+    c = state.cache
+    cache = KVCache(shd.constrain(c.k, CACHE_AXES, mesh), shd.constrain(c.v, CACHE_AXES, mesh),
+                    rows(c.valid), rows(c.index))
+    return DecodeState(cache, *(rows(x) for x in state[1:]))
+
+
+def _empty_state(cfg: ModelConfig, *, slots: int, cache_length: int, max_new_tokens: int, pad_id: int,
+                 compute_dtype, record_logits: bool, mesh) -> DecodeState:
+    S, N = slots, max_new_tokens
+    V = cfg.output_vocab
     state = DecodeState(
-        cache=cache,
-        tokens=shd.constrain(jnp.full((B, N), pad_id, jnp.int32), ("batch", "length"), mesh),
-        last=jnp.full((B,), pad_id, jnp.int32),
-        done=~real.astype(bool),
-        stopped=jnp.zeros((B,), bool),
-        num_new=jnp.zeros((B,), jnp.int32),
-        step=jnp.zeros((), jnp.int32),
-        row_keys=row_keys_from_ids(key, row_ids.astype(jnp.uint32)),
-        logits=jnp.zeros((B, N, V) if record_logits else (B, 0, 0), jnp.float32),
+        cache=init_cache(cfg, S, cache_length, jnp.dtype(compute_dtype), mesh),
+        tokens=jnp.full((S, N), pad_id, jnp.int32),
+        last=jnp.full((S,), pad_id, jnp.int32),
+        done=jnp.ones((S,), bool),
+        stopped=jnp.zeros((S,), bool),
+        num_new=jnp.zeros((S,), jnp.int32),
+        limit=jnp.zeros((S,), jnp.int32),
+        row_keys=row_keys_from_ids(jax.random.key(0), jnp.zeros((S,), jnp.uint32)),
+        logits=jnp.zeros((S, N, V) if record_logits else (S, 0, 0), jnp.float32),
     )
-    return _advance(state, logits, stop_ids, sampling=sampling, pad_id=pad_id)
+    return _constrain(state, mesh)
 
 
-def _decode(params, cfg: ModelConfig, state: DecodeState, stop_ids, limit, *,
-            sampling: SamplingConfig, pad_id: int, compute_dtype) -> DecodeState:
-    limit = jnp.minimum(limit, state.tokens.shape[1])
-    ones = jnp.ones((state.last.shape[0], 1), bool)
+def _insert(params, cfg: ModelConfig, state: DecodeState, ids, mask, dest, key, row_ids, limits,
+            stop_ids, *, sampling: SamplingConfig, pad_id: int, compute_dtype, mesh) -> DecodeState:
+    k, P = ids.shape
+    S, N = state.tokens.shape
+    cdt = jnp.dtype(compute_dtype)
+    hidden, cache = forward(params, cfg, ids, mask, cache=init_cache(cfg, k, P, cdt, mesh), compute_dtype=cdt)
+    logits = logits_from_hidden(params, cfg, hidden[:, -1])
+    real = dest < S
+    group = DecodeState(
+        cache=cache,
+        tokens=jnp.full((k, N), pad_id, jnp.int32),
+        last=jnp.full((k,), pad_id, jnp.int32),
+        done=~real,
+        stopped=jnp.zeros((k,), bool),
+        num_new=jnp.zeros((k,), jnp.int32),
+        limit=jnp.minimum(limits.astype(jnp.int32), N),
+        row_keys=row_keys_from_ids(key, row_ids.astype(jnp.uint32)),
+        logits=jnp.zeros((k,) + state.logits.shape[1:], jnp.float32),
+    )
+    group = _advance(group, logits, stop_ids, sampling=sampling, pad_id=pad_id)
+    put = lambda old, new: old.at[dest].set(new, mode="drop")  # noqa: E731
+    merged = DecodeState(insert_rows(state.cache, group.cache, dest),
+                         *(put(old, new) for old, new in zip(state[1:], group[1:])))
+    return _constrain(merged, mesh)
 
-    def cond(s: DecodeState):
-        return (s.step < limit) & ~jnp.all(s.done)
 
-    def body(s: DecodeState):
-        hidden, cache = forward(params, cfg, s.last[:, None], ones, cache=s.cache, compute_dtype=compute_dtype)
+def _decode(params, cfg: ModelConfig, state: DecodeState, stop_ids, max_steps, min_free, *,
+            sampling: SamplingConfig, pad_id: int, compute_dtype, mesh) -> DecodeState:
+    def cond(carry):
+        i, s = carry
+        return (i < max_steps) & ~jnp.all(s.done) & (jnp.sum(s.done) < min_free)
+
+    def body(carry):
+        i, s = carry
+        hidden, cache = forward(params, cfg, s.last[:, None], ~s.done[:, None], cache=s.cache,
+                                compute_dtype=compute_dtype)
         logits = logits_from_hidden(params, cfg, hidden[:, 0])
-        return _advance(s._replace(cache=cache), logits, stop_ids, sampling=sampling, pad_id=pad_id)
+        s = _advance(s._replace(cache=cache), logits, stop_ids, sampling=sampling, pad_id=pad_id)
+        return i + 1, _constrain(s, mesh)
 
-    return jax.lax.while_loop(cond, body, state)
+    return jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), state))[1]
 
 
 # XLA:CPU hands dots to YNNPACK fusions by default; for the sampler's skinny matmuls (a few
@@ -217,17 +251,23 @@ class _Jitted:
         return self._pick().lower(*args, **kwargs)
 
 
-_STATIC = ("cfg", "sampling", "pad_id", "compute_dtype")
-prefill = _Jitted(_prefill, """Prefill a left-padded batch and draw the first new token -> DecodeState.
+_STATIC = ("cfg", "sampling", "pad_id", "compute_dtype", "mesh")
+empty_state = _Jitted(_empty_state, """A state of `slots` free slots with caches of `cache_length`
+positions and room for `max_new_tokens` new tokens per row (all static).""",
+                      static_argnames=("cfg", "slots", "cache_length", "max_new_tokens", "pad_id",
+                                       "compute_dtype", "record_logits", "mesh"))
+insert = _Jitted(_insert, """Prefill a group of left-padded prompts and put its rows into slots -> DecodeState.
 
-params: stacked or `unstack_layers`-ed (faster decoding). ids, mask [B, P] (left padded;
-mask 1 = token); key: a typed PRNG key; row_ids [B] uint32 (RNG identity of each row);
-real [B] bool (False = dummy padding row); stop_ids [S] int32 (-1 = unused slot). `mesh`
-(static) shards the cache's batch axis by the logical rules.
-""", static_argnames=_STATIC + ("max_new_tokens", "record_logits", "mesh"))
-decode = _Jitted(_decode, """Run decode steps until `limit` new tokens exist or all rows are done.
+params: the stacked params (LoRA adapters allowed). ids, mask [k, P] (left padded; mask 1 =
+token; P <= the cache length); dest [k] int32 slot of each row (>= S: a padding row, dropped);
+key: a typed PRNG key; row_ids [k] uint32 (RNG identity of each row); limits [k] int32 max new
+tokens per row (<= N); stop_ids [T] int32 (-1 = unused). The state is donated. `mesh`
+(static) shards the slots by the logical rules.
+""", static_argnames=_STATIC, donate_argnames=("state",))
+decode = _Jitted(_decode, """Run decode steps over all slots until `max_steps` steps have run,
+every slot is done, or at least `min_free` slots are done (both traced int32 scalars).
 
-The state is donated (updated in place); call again with a larger `limit` to continue.
+The state is donated (updated in place); call again to continue.
 """, static_argnames=_STATIC, donate_argnames=("state",))
 
 
@@ -247,24 +287,24 @@ def stop_id_array(stop_ids) -> jax.Array:
 
 def generate_batch(params, cfg: ModelConfig, ids, mask, key, *, max_new_tokens: int,
                    sampling: SamplingConfig = GREEDY, stop_ids=(), pad_id: int = 0,
-                   row_ids=None, real=None, compute_dtype=None, record_logits: bool = False,
+                   row_ids=None, limits=None, compute_dtype=None, record_logits: bool = False,
                    mesh=None) -> BatchOutput:
-    """Generate up to `max_new_tokens` for one left-padded batch: `prefill` then one `decode`.
+    """Generate up to `max_new_tokens` for one left-padded batch [B, P]: B slots, one `insert`
+    of every row, then `decode` to the end.
 
-    Both are jitted (compiled once per shape and setting); the decode loop runs entirely on
-    device. Stacked params are unstacked first (pass `unstack_layers_jit(params)` to do that
-    once for many calls). `row_ids` default to 0..B-1; `real` to all True.
+    `row_ids` default to 0..B-1; `limits` [B] (per-row max new tokens) to `max_new_tokens`.
     """
     ids = jnp.asarray(ids, jnp.int32)
-    B = ids.shape[0]
-    mask = jnp.asarray(mask, bool)
+    B, P = ids.shape
+    N = int(max_new_tokens)
     row_ids = jnp.arange(B, dtype=jnp.uint32) if row_ids is None else jnp.asarray(row_ids, jnp.uint32)
-    real = jnp.ones((B,), bool) if real is None else jnp.asarray(real, bool)
+    limits = jnp.full((B,), N, jnp.int32) if limits is None else jnp.asarray(limits, jnp.int32)
     stops = stop_ids if isinstance(stop_ids, jax.Array) else stop_id_array(stop_ids)
-    compute_dtype = jnp.dtype(compute_dtype or params["embed"].dtype).name
-    params = unstack_layers_jit(params)
-    static = dict(sampling=sampling, pad_id=int(pad_id), compute_dtype=compute_dtype)
-    state = prefill(params, cfg, ids, mask, key, row_ids, real, stops, max_new_tokens=max_new_tokens,
-                    record_logits=record_logits, mesh=mesh, **static)
-    state = decode(params, cfg, state, stops, jnp.int32(max_new_tokens), **static)
+    static = dict(sampling=sampling, pad_id=int(pad_id),
+                  compute_dtype=jnp.dtype(compute_dtype or params["embed"].dtype).name, mesh=mesh)
+    state = empty_state(cfg, slots=B, cache_length=P + N, max_new_tokens=N, pad_id=int(pad_id),
+                        compute_dtype=static["compute_dtype"], record_logits=record_logits, mesh=mesh)
+    state = insert(params, cfg, state, ids, jnp.asarray(mask, bool), jnp.arange(B, dtype=jnp.int32), key,
+                   row_ids, limits, stops, **static)
+    state = decode(params, cfg, state, stops, jnp.int32(N), jnp.int32(B + 1), **static)
     return BatchOutput(state.tokens, state.num_new, state.stopped, state.logits)

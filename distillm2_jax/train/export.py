@@ -54,5 +54,13 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, step: int | None = N
     """Write the run's student as an HF folder with the tokenizer; returns the folder."""
     run_dir = Path(run_dir)
     cfg = config_lib.load(run_dir / "config.yaml")
-    student = restore_student(run_dir, step=step)
+    # Export only gathers one tensor at a time, so the student is spread over every device
+    # (fsdp): on the default data-parallel mesh each device would hold a whole copy of it.
+    student = restore_student(run_dir, step=step, mesh=export_mesh())
     return save_pretrained(student, out_dir, tokenizer=cfg.tokenizer_path, dtype=dtype)
+
+
+def export_mesh():
+    """The mesh export restores the student on: all devices on the fsdp axis, so the weights
+    are split across devices (not replicated on each as on the default data-parallel mesh)."""
+    return shd.make_mesh((1, -1, 1))

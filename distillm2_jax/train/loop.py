@@ -17,7 +17,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from distillm2_jax import config as config_lib
@@ -132,9 +131,10 @@ class Trainer:
             obj.beta_schedule, step=step, total_steps=total_steps, epoch=epoch,
             num_epochs=self.cfg.train.epochs, steps_per_epoch=steps_per_epoch, b0=obj.beta))
 
-    def current_student(self, state: TrainState) -> models.Decoder:
-        """The student as trained so far (LoRA merged), e.g. for regenerating responses."""
-        return self.student_parts.merged(state.trainable, compute_dtype=self.cfg.model.compute_dtype)
+    def current_student(self, state: TrainState):
+        """The student as trained so far, for regenerating responses: (params, config, compute
+        dtype) with the live weights (LoRA unmerged: no second copy while sampling)."""
+        return self.student_parts.for_sampling(state.trainable, compute_dtype=self.cfg.model.compute_dtype)
 
     # ------------------------------------------------------------------ compiled functions
     def compile_step(self, tx, state_shardings, num_micro: int):
@@ -186,7 +186,8 @@ class Trainer:
         total_steps = steps_per_epoch * tcfg.epochs
         tx, lr_schedule = make_optimizer(cfg.optim, total_steps)
 
-        state = jax.jit(lambda t: init_state(t, tx))(self.trainable0)
+        state = jax.jit(lambda t: init_state(t, tx), out_shardings=train_state_shardings(self.trainable0, tx))(
+            self.trainable0)
         state_shardings = jax.tree.map(lambda x: x.sharding, state)
         ckpt = Checkpointer(self.run_dir / "checkpoints", keep=cfg.checkpoint.keep,
                             async_save=cfg.checkpoint.async_save)
@@ -316,6 +317,28 @@ class Trainer:
 def init_state(trainable, tx) -> TrainState:
     """A run's train state at step 0: what its checkpoints hold (export restores into this shape)."""
     return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, opt_state=tx.init(trainable))
+
+
+def train_state_shardings(trainable, tx):
+    """Shardings of `init_state(trainable, tx)`: each optimizer moment like its parameter (the
+    leaf whose path its own path ends with), the rest replicated. Without them XLA replicates
+    the moments on every device, fsdp or not (`zeros_like` carries no sharding)."""
+    def keys(path):
+        return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", None))) for k in path)
+
+    leaves = jax.tree_util.tree_flatten_with_path(trainable)[0]
+    mesh = leaves[0][1].sharding.mesh
+    by_path = {keys(path): (x.shape, x.sharding) for path, x in leaves}
+
+    def pick(path, leaf):
+        k = keys(path)
+        for n in range(len(k)):
+            shape, sharding = by_path.get(k[n:], (None, None))
+            if shape == leaf.shape:
+                return sharding
+        return NamedSharding(mesh, P())
+
+    return jax.tree_util.tree_map_with_path(pick, jax.eval_shape(lambda t: init_state(t, tx), trainable))
 
 
 def _record_config(cfg, path: Path) -> None:

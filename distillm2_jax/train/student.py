@@ -7,7 +7,8 @@ only, so export rebuilds the same split the same way (same config, same seed) to
     student = load(cfg, mesh)                 # Student(model, trainable, frozen)
     # in the jitted step (trainable: the train state's):
     params = forward_params(trainable, student.frozen, key=step_key, dropout=0.05)
-    model = student.merged(trainable)         # a plain Decoder, LoRA merged: generate, export
+    sampler_model = student.for_sampling(trainable)   # (params, config, dtype): generate in place
+    model = student.merged(trainable)         # a plain Decoder, LoRA merged: export
 
 The LoRA math (adapter leaves, split/combine, dropout entries, merge) is `models.lora`'s.
 """
@@ -50,8 +51,15 @@ class Student:
         """Full params (LoRA leaves unmerged) for a forward without dropout."""
         return combine(trainable, self.frozen)
 
+    def for_sampling(self, trainable: Params, *, compute_dtype=None) -> tuple[Params, ModelConfig, str]:
+        """(params, config, compute dtype) for `generation`: the live weights with LoRA adapters
+        unmerged (the layer applies them), so sampling holds no second copy of the student."""
+        params = self.params(trainable)
+        return params, self.config, jnp.dtype(compute_dtype or params["embed"].dtype).name
+
     def merged(self, trainable: Params, *, compute_dtype=None) -> Decoder:
-        """The student with `trainable` as a plain Decoder (LoRA merged): to generate or export."""
+        """The student with `trainable` as a plain Decoder (LoRA merged; a new copy of the
+        adapted weights): to export."""
         return Decoder(self.config, merge(self.params(trainable)), hf_config=self.model.hf_config,
                        compute_dtype=compute_dtype)
 

@@ -167,8 +167,7 @@ def test_sharded_batch_on_8_devices_gives_the_same_tokens(tiny):
                          sampler._put(mask, ("batch", "length"), mesh),
                          sampler._put(jax.random.key(0), (), mesh), max_new_tokens=N,
                          stop_ids=sampler._put(stop_id_array([2]), (), mesh),
-                         row_ids=sampler._put(np.arange(4, dtype=np.uint32), ("batch",), mesh),
-                         real=sampler._put(np.ones(4, bool), ("batch",), mesh), mesh=mesh)
+                         row_ids=sampler._put(np.arange(4, dtype=np.uint32), ("batch",), mesh), mesh=mesh)
     assert out.tokens.sharding.spec[0] == ("data", "fsdp")
     assert len(out.tokens.addressable_shards) == 8
     assert np.asarray(out.tokens)[:, 0].tolist() == [r.tokens[0] for r in ref[:4]]
@@ -270,7 +269,7 @@ def test_restart_after_interruption_gives_the_uninterrupted_rows(lm, tiny_tokeni
     s = generation.generate_file(model, str(src), part, **kw)
     assert s.rows_written == 0 and part.read_bytes() == ref.read_bytes()
 
-    # (2) an exception after the first batch was written, then a rerun
+    # (2) an exception after the first rows were written, then a rerun
     class Interrupted(Exception):
         pass
 
@@ -288,7 +287,8 @@ def test_restart_after_interruption_gives_the_uninterrupted_rows(lm, tiny_tokeni
     with pytest.raises(Interrupted):
         generation.generate_file(model, str(src), crash, **kw)
     monkeypatch.undo()
-    assert crash.read_text() == "".join(lines[:3])
+    written = crash.read_text()
+    assert any(written == "".join(lines[:k]) for k in range(1, len(lines))), written
     generation.generate_file(model, str(src), crash, **kw)
     assert crash.read_bytes() == ref.read_bytes()
 

@@ -7,7 +7,7 @@ import pytest
 from distillm2_jax import models
 from distillm2_jax import sharding as shd
 from distillm2_jax.hf import from_pretrained, save_pretrained
-from distillm2_jax.models import attention, decoder
+from distillm2_jax.models import attention, decoder, kv_cache
 from tests.tiny_models import FAMILIES, hf_config, padded_batch
 
 
@@ -17,25 +17,49 @@ def model(request):
 
 
 def test_kv_cache_decoding_equals_full_forward(model):
-    """Prefill a left-padded prompt, then decode token by token: logits equal the full pass,
-    with stacked and with per-layer (`unstack_layers`) weights."""
+    """Prefill a left-padded prompt, then decode token by token: logits equal the full pass."""
     cfg, params = model.config, model.params()
     ids, mask = padded_batch(seed=4, lengths=(9, 5), total=14, left=True)
     prompt_len = 9
     full = np.asarray(model(ids, attention_mask=mask))
     step = jax.jit(lambda p, i, m, c: decoder.forward(p, cfg, i, m, cache=c), donate_argnums=3)
-    for weights in (params, decoder.unstack_layers(params)):
-        cache = models.init_cache(cfg, batch=2, max_length=16)
-        hidden, cache = step(weights, ids[:, :prompt_len], mask[:, :prompt_len], cache)
-        got = [models.logits_from_hidden(params, cfg, hidden)]
-        for t in range(prompt_len, ids.shape[1]):
-            hidden, cache = step(weights, ids[:, t:t + 1], mask[:, t:t + 1], cache)
-            got.append(models.logits_from_hidden(params, cfg, hidden))
-        got = np.concatenate([np.asarray(g) for g in got], axis=1)
-        valid = mask.astype(bool)
-        np.testing.assert_allclose(got[valid], full[valid], atol=2e-5, rtol=1e-5)
-        assert int(cache.index) == ids.shape[1]
-        assert len(cache.k) == cfg.num_layers and cache.k[0].shape == (2, cfg.num_kv_heads, 16, cfg.head_dim)
+    cache = models.init_cache(cfg, batch=2, max_length=16)
+    hidden, cache = step(params, ids[:, :prompt_len], mask[:, :prompt_len], cache)
+    got = [models.logits_from_hidden(params, cfg, hidden)]
+    for t in range(prompt_len, ids.shape[1]):
+        hidden, cache = step(params, ids[:, t:t + 1], mask[:, t:t + 1], cache)
+        got.append(models.logits_from_hidden(params, cfg, hidden))
+    got = np.concatenate([np.asarray(g) for g in got], axis=1)
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(got[valid], full[valid], atol=2e-5, rtol=1e-5)
+    assert cache.index.tolist() == [ids.shape[1]] * 2
+    assert cache.k.shape == (cfg.num_layers, 2, cfg.num_kv_heads, 16, cfg.head_dim)
+
+
+def test_rows_inserted_at_different_lengths_decode_at_their_own_index(model):
+    """Two rows prefilled apart (prompts of 6 and 3 tokens) and put into one cache with
+    `insert_rows` (into the reverse slots, over stale entries) decode together, each writing at
+    its own index: every step's logits equal each sequence's own full forward."""
+    cfg, params = model.config, model.params()
+    ids, _ = padded_batch(seed=5, lengths=(12, 12), total=12, left=False)
+    seqs, starts = [ids[0], ids[1, :8]], [6, 3]
+    step = jax.jit(lambda p, i, m, c: decoder.forward(p, cfg, i, m, cache=c))
+    cache = models.init_cache(cfg, batch=2, max_length=16)
+    stale = jnp.ones((2, 16), bool)
+    cache = cache._replace(k=cache.k + 1.0, valid=stale, index=jnp.array([9, 9], jnp.int32))
+    for slot, (seq, start) in zip((1, 0), zip(seqs, starts)):
+        one = models.init_cache(cfg, batch=1, max_length=start)
+        _, one = step(params, seq[None, :start], np.ones((1, start), bool), one)
+        cache = kv_cache.insert_rows(cache, one, jnp.array([slot, 2], jnp.int32))  # row 2: dropped
+    assert cache.index.tolist() == [3, 6]
+    fulls = [np.asarray(model(seq[None]))[0] for seq in seqs]
+    for t in range(5):
+        feed = np.array([[seqs[1][starts[1] + t]], [seqs[0][starts[0] + t]]])
+        hidden, cache = step(params, feed, np.ones((2, 1), bool), cache)
+        logits = np.asarray(models.logits_from_hidden(params, cfg, hidden))[:, 0]
+        np.testing.assert_allclose(logits[1], fulls[0][starts[0] + t], atol=2e-5, rtol=1e-5)
+        np.testing.assert_allclose(logits[0], fulls[1][starts[1] + t], atol=2e-5, rtol=1e-5)
+    assert cache.index.tolist() == [8, 11]
 
 
 @pytest.mark.parametrize("length", [1, 63, 64, 200, 512, 1000])

@@ -193,9 +193,9 @@ def forward(params: Params, cfg: ModelConfig, input_ids: jax.Array,
         x, ks, vs = carry
         p, window, i = xs
         in_window = (window == 0) | (distance < window)
-        x, (k, v) = decoder_layer(cfg, p, x, cos, sin, base_mask & in_window, (ks[i], vs[i]),
-                                  cache.index, **tuning)
-        return (x, ks.at[i].set(k), vs.at[i].set(v)), None
+        x, (ks, vs, _) = decoder_layer(cfg, p, x, cos, sin, base_mask & in_window, (ks, vs, i),
+                                       cache.index, **tuning)
+        return (x, ks, vs), None
 
     windows = jnp.asarray(cfg.layer_windows or (0,) * cfg.num_layers, jnp.int32)
     (x, ks, vs), _ = jax.lax.scan(cached_body, (x, cache.k, cache.v),

@@ -39,26 +39,24 @@ def init_cache(cfg: ModelConfig, batch: int, max_length: int, dtype=jnp.float32,
                    jnp.zeros((batch,), jnp.int32))
 
 
-def _write_rows(buffer, update, index, axis: int):
-    """buffer with each row's `update` written at its own offset index[b] along `axis`."""
-    def one(buf, upd, i):
-        start = [0] * buf.ndim
-        start[axis - 1] = i
-        return jax.lax.dynamic_update_slice(buf, upd, start)
-    return jax.vmap(one)(buffer, update, index)
-
-
 def write_valid(valid: jax.Array, mask: jax.Array, index: jax.Array) -> jax.Array:
-    """valid [B, S] with each row's new token mask [B, T] written at slots [index[b], index[b] + T)."""
-    return _write_rows(valid, mask.astype(valid.dtype), index, axis=1)
+    """valid [B, S] with each row's new token mask [B, T] written at slots [index[b], index[b] + T)
+    (slots past the end are dropped)."""
+    B, T = mask.shape
+    slots = index[:, None] + jnp.arange(T)[None]
+    return valid.at[jnp.arange(B)[:, None], slots].set(mask.astype(valid.dtype), mode="drop")
 
 
-def write_layer(k_cache, v_cache, k, v, index):
-    """One layer's cache with new keys/values k, v [B, T, Hkv, D] written at each row's slots
-    [index[b], index[b] + T)."""
-    k_cache = _write_rows(k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype), index, axis=2)
-    v_cache = _write_rows(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype), index, axis=2)
-    return k_cache, v_cache
+def write_layer(k_cache, v_cache, k, v, index, layer):
+    """The stacked caches [L, B, Hkv, S, D] with layer `layer`'s new keys/values k, v
+    [B, T, Hkv, D] written at each row's slots [index[b], index[b] + T): a scatter of the new
+    tokens only (slots past the end are dropped), in place inside the layer scan."""
+    B, T = k.shape[:2]
+    rows, slots = jnp.arange(B)[:, None], index[:, None] + jnp.arange(T)[None]     # [B, 1], [B, T]
+
+    def write(buf, new):  # advanced indices around a slice: the value is laid out [B, T, Hkv, D]
+        return buf.at[layer, rows, :, slots, :].set(new.astype(buf.dtype), mode="drop")
+    return write(k_cache, k), write(v_cache, v)
 
 
 def insert_rows(cache: KVCache, rows: KVCache, dest: jax.Array) -> KVCache:

@@ -1,11 +1,12 @@
 """The decoder layer, shared by training (a layer scan, no cache) and decoding (a KV cache).
 
-    x, layer_cache = layer.decoder_layer(cfg, p, x, cos, sin, mask)                     # training
-    x, layer_cache = layer.decoder_layer(cfg, p, x, cos, sin, mask, (k, v), index)      # prefill/decode
+    x, _ = layer.decoder_layer(cfg, p, x, cos, sin, mask)                               # training
+    x, (k, v, i) = layer.decoder_layer(cfg, p, x, cos, sin, mask, (k, v, i), index)     # prefill/decode
 
 `p` holds one layer's weights (a slice of `params["layers"]`). Without a cache the T tokens
-attend to each other in causal query blocks; with a layer cache k, v [B, Hkv, S, D] their keys
-and values are written at slots [index, index + T) and they attend to the whole cache.
+attend to each other in causal query blocks; with the stacked caches k, v [L, B, Hkv, S, D]
+and this layer's index i, row b's keys and values are written at layer i's slots
+[index[b], index[b] + T) and the tokens attend to that layer's whole cache.
 `pair_layer` is the same layer for `decoder.forward_pairs`' packed prompt/response pairs.
 
 Speed-only choices are keyword arguments (`benchmarks/decoder_layout.py` times them):
@@ -83,9 +84,9 @@ def position_qk(cfg: ModelConfig, p: Params, q, k, cos, sin):
 
 
 def self_attention(cfg: ModelConfig, p: Params, x: jax.Array, cos, sin, mask: jax.Array,
-                   cache: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | None = None, *,
+                   cache: tuple | None = None, index: jax.Array | None = None, *,
                    max_query_blocks: int = MAX_QUERY_BLOCKS, flatten_linear: bool = True):
-    """Grouped-query attention of x [B, T, H]; returns (output [B, T, H], new layer cache or None).
+    """Grouped-query attention of x [B, T, H]; returns (output [B, T, H], the updated cache or None).
 
     mask [B, T, S] is True where query t may attend key slot s: S = T without a cache (queries
     in `attention.causal_query_blocks`), S = the cache's slots with one.
@@ -99,8 +100,10 @@ def self_attention(cfg: ModelConfig, p: Params, x: jax.Array, cos, sin, mask: ja
     if cache is None:
         out = blocked_attention(cfg, q, k, v, mask, x.dtype, max_query_blocks=max_query_blocks)
     else:
-        cache = write_layer(*cache, k, v, index)
-        out = cached_attention(cfg, q, *cache, mask, x.dtype)
+        k_all, v_all, i = cache
+        k_all, v_all = write_layer(k_all, v_all, k, v, index, i)
+        out = cached_attention(cfg, q, k_all[i], v_all[i], mask, x.dtype)
+        cache = (k_all, v_all, i)
     return linear(out, p, "o", flatten=flatten_linear), cache
 
 
@@ -147,9 +150,10 @@ def _residual(cfg: ModelConfig, p: Params, x, attend, flatten_linear: bool):
 
 
 def decoder_layer(cfg: ModelConfig, p: Params, x: jax.Array, cos, sin, mask: jax.Array,
-                  cache: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | None = None, *,
+                  cache: tuple | None = None, index: jax.Array | None = None, *,
                   max_query_blocks: int = MAX_QUERY_BLOCKS, flatten_linear: bool = True):
-    """One decoder layer over x [B, T, H] (and this layer's cache); returns (x, new layer cache)."""
+    """One decoder layer over x [B, T, H] (and the stacked caches with this layer's index, see
+    the module doc); returns (x, the updated cache triple or None)."""
     def attend(h):
         return self_attention(cfg, p, h, cos, sin, mask, cache, index,
                               max_query_blocks=max_query_blocks, flatten_linear=flatten_linear)

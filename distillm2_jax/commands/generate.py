@@ -35,7 +35,7 @@ def register(subparsers) -> None:
     p.add_argument("--max-prompt-length", type=int, default=512,
                    help="longer prompts keep their last tokens (default 512)")
     p.add_argument("--seed", type=int, default=42, help="each row's randomness is fixed by (seed, row id)")
-    p.add_argument("--batch-size", type=int, default=16, help="rows per batch (default 16)")
+    p.add_argument("--batch-size", type=int, default=16, help="decoding slots: rows decoded at once, refilled as rows finish (default 16)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                    help="parameter and compute dtype (default bfloat16)")
     p.add_argument("--mesh", metavar="D,F,T", help="mesh shape (data, fsdp, tensor); -1 = the rest; "

@@ -90,7 +90,7 @@ class GenerationSection(_Section):
     top_p: float = Field(0.95, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)               # 0 = off
     max_new_tokens: int = Field(1024, gt=0)
-    batch_size: int = Field(64, gt=0)         # prompts per generation batch (all devices)
+    batch_size: int = Field(64, gt=0)         # decoding slots, all devices (continuous batching)
     regenerate_student: bool = True           # Algorithm 1: new y_s from the current student each epoch
 
 

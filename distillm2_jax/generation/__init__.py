@@ -5,7 +5,8 @@
                                 top_p=0.95, eos_ids=[eos], seed=42, batch_size=16)
     summary = generation.generate_file(model, "prompts.jsonl", "out.jsonl", tokenizer=tok, ...)
 
-Modules (one job each): sampler (token-id prompts -> results, batch by batch), writer (the
+Modules (one job each): sampler (token-id prompts -> results in source order), slots
+(continuous batching: which row goes into which decoding slot, and when), writer (the
 restartable JSONL file and its sidecar), driver (`generate_file`: prompts -> sampler -> writer).
 See docs/generation.md.
 """

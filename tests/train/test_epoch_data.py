@@ -47,8 +47,8 @@ def _forced_sampler(tok, responses):
     from distillm2_jax.generation import FINISH_STOP, Result
     from tests.tiny_tokenizer import EOS_ID
 
-    def iter_sample(model, prompt_ids, *, batch_size, start_batch=0, **_):
-        rows = list(range(start_batch * batch_size, len(prompt_ids)))
+    def iter_sample(model, prompt_ids, *, start_row=0, **_):
+        rows = list(range(start_row, len(prompt_ids)))
         yield rows, [Result(responses[r] + [EOS_ID], FINISH_STOP, len(prompt_ids[r]), len(responses[r]) + 1)
                      for r in rows]
     return iter_sample

@@ -27,6 +27,10 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "heads": ("tensor",),
     "kv_heads": ("tensor",),
     "mlp": ("tensor",),
+    # A mixture-of-experts layer's experts are split over fsdp (each device holds E / fsdp of
+    # them; XLA gathers a layer's experts where they are used, as it gathers fsdp weights).
+    "expert": ("fsdp",),
+    "router": (),
     "layers": (),
     "norm": (),
     "head_dim": (),

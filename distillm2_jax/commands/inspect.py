@@ -25,6 +25,13 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def _rope_text(spec) -> str:
+    default = type(spec)(rope_type=spec.rope_type)
+    extra = [f"{f.name}={getattr(spec, f.name)}" for f in dataclasses.fields(spec)
+             if f.name == "theta" or (f.name != "rope_type" and getattr(spec, f.name) != getattr(default, f.name))]
+    return f"{spec.rope_type}({', '.join(extra)})"
+
+
 def run(args) -> int:
     import jax.numpy as jnp
 
@@ -34,7 +41,10 @@ def run(args) -> int:
     cfg = model.config
     print(f"{args.model}: {cfg.model_type}, {cfg.num_params() / 1e6:.1f}M parameters")
     for field in dataclasses.fields(cfg):
-        print(f"  {field.name:28s} {getattr(cfg, field.name)}")
+        value = getattr(cfg, field.name)
+        if field.name == "ropes":  # one compact line per distinct rope: its non-default fields
+            value = "; ".join(_rope_text(spec) for spec in cfg.rope_specs)
+        print(f"  {field.name:28s} {value}")
     if not args.check_logits:
         return 0
     try:

@@ -22,7 +22,8 @@ from safetensors import SafetensorError, safe_open
 
 from distillm2_jax import sharding as shd
 from distillm2_jax.errors import CheckpointFormatError, UserError
-from distillm2_jax.hf.names import IGNORABLE_SUFFIXES, TensorMap, tensor_maps
+from distillm2_jax.hf import mxfp4
+from distillm2_jax.hf.names import IGNORABLE_SUFFIXES, TensorMap, tensor_maps, text_part_names
 from distillm2_jax.jsonio import read_json_file, show
 from distillm2_jax.models.config import ModelConfig, from_hf, load_hf_config
 from distillm2_jax.models.decoder import Decoder, param_specs
@@ -68,7 +69,7 @@ def _keys(path: Path) -> list[str]:
 
 
 def _expected_hf_shape(tmap: TensorMap, shape: tuple[int, ...]) -> tuple[int, ...]:
-    per = shape[1:] if tmap.stacked else shape
+    per = shape[tmap.stack_dims:]
     return tuple(reversed(per)) if tmap.transpose else tuple(per)
 
 
@@ -77,6 +78,9 @@ def _check_names(cfg: ModelConfig, files: dict[str, Path], model_dir: Path) -> N
     for tmap in tensor_maps(cfg):
         for name in tmap.hf_names(cfg.num_layers):
             expected.add(name)
+            if mxfp4.is_packed(name, files):  # gpt-oss MXFP4 experts: dequantized on load
+                expected.update((name + mxfp4.BLOCKS, name + mxfp4.SCALES))
+                continue
             if name not in files:
                 where = sorted({p.name for p in files.values()}) or ["(no files)"]
                 raise CheckpointFormatError(
@@ -90,15 +94,16 @@ def _check_names(cfg: ModelConfig, files: dict[str, Path], model_dir: Path) -> N
             f"{path}: unexpected tensor '{name}' (not part of a {cfg.model_type} model with this config.json)")
 
 
-def _reader(tmap: TensorMap, cfg: ModelConfig, files, shape, np_dtype):
+def _reader(tmap: TensorMap, cfg: ModelConfig, files, shape, np_dtype, keys=None):
     """A callback index -> host array reading only the requested slice of the tensor(s).
 
     Reads go through short-lived `safe_open`s, each over a block of at most `READ_BLOCK_BYTES`
     of whole rows of the stored tensor: the file is mapped only while that block is copied out,
     so its pages leave the process's resident set right after (a column slice, e.g. an fsdp
     shard of the embedding, touches every row's pages: read at once, the whole tensor would be
-    resident).
+    resident). `keys` maps a name to its stored name where they differ (`text_part_names`).
     """
+    keys = keys or {}
     names = tmap.hf_names(cfg.num_layers)
     hf_shape = _expected_hf_shape(tmap, shape)
 
@@ -112,7 +117,7 @@ def _reader(tmap: TensorMap, cfg: ModelConfig, files, shape, np_dtype):
         for r0 in range(start, stop, block * step):
             r1 = min(stop, r0 + block * step)
             with safe_open(str(files[name]), framework="numpy") as handle:
-                part = handle.get_slice(name)[(slice(r0, r1, step),) + rest]
+                part = handle.get_slice(keys.get(name, name))[(slice(r0, r1, step),) + rest]
             if out is None:
                 out = np.empty((len(range(start, stop, step)),) + part.shape[1:], np_dtype)
             k = (r0 - start) // step
@@ -123,12 +128,17 @@ def _reader(tmap: TensorMap, cfg: ModelConfig, files, shape, np_dtype):
 
     def callback(index: tuple[slice, ...]) -> np.ndarray:
         index = tuple(index) + (slice(None),) * (len(shape) - len(index))
-        if tmap.stacked:
-            layer_ids = range(cfg.num_layers)[index[0]]
-            first = read_one(names[layer_ids[0]], index[1:]) if len(layer_ids) else None
-            out = np.empty((len(layer_ids),) + (first.shape if first is not None else ()), np_dtype)
-            for j, i in enumerate(layer_ids):  # filled in place: no list of slices plus a stacked copy
-                out[j] = first if j == 0 else read_one(names[i], index[1:])
+        k = tmap.stack_dims
+        if k:
+            # our leading axes enumerate the HF tensors: layers (and experts, layer-major)
+            ids = [range(n)[s] for n, s in zip(shape[:k], index[:k])]
+            cells = [(j, i) for j, i in enumerate(ids[0])]
+            if k == 2:
+                cells = [((j, je), i * shape[1] + e) for j, i in enumerate(ids[0]) for je, e in enumerate(ids[1])]
+            first = read_one(names[cells[0][1]], index[k:]) if cells else None
+            out = np.empty(tuple(map(len, ids)) + (first.shape if first is not None else ()), np_dtype)
+            for n, (j, flat) in enumerate(cells):  # filled in place: no list of slices plus a stacked copy
+                out[j] = first if n == 0 else read_one(names[flat], index[k:])
             return out
         return read_one(names[0], index)
 
@@ -150,6 +160,9 @@ def load_params(model_dir: str | Path, cfg: ModelConfig, dtype=jnp.float32, mesh
     """The params dict of `model_dir`, each array placed on its sharding (or the default device)."""
     model_dir = Path(model_dir)
     files = tensor_files(model_dir)
+    keys = text_part_names(files) or {}  # an image-text checkpoint: its text model only
+    if keys:
+        files = {name: files[stored] for name, stored in keys.items()}
     _check_names(cfg, files, model_dir)
     np_dtype = np.dtype(jnp.dtype(dtype))
     specs = param_specs(cfg)
@@ -164,8 +177,10 @@ def load_params(model_dir: str | Path, cfg: ModelConfig, dtype=jnp.float32, mesh
         for tmap in tensor_maps(cfg):
             shape, axes = specs[tmap.path[0]] if len(tmap.path) == 1 else specs["layers"][tmap.path[1]]
             want = _expected_hf_shape(tmap, shape)
-            for name in tmap.hf_names(cfg.num_layers):
-                got = tuple(handles[files[name]].get_slice(name).get_shape())
+            names = tmap.hf_names(cfg.num_layers)
+            packed = len(shape) == 4 and tmap.stack_dims == 1 and mxfp4.is_packed(names[0], files)
+            for name in ([] if packed else names):
+                got = tuple(handles[files[name]].get_slice(keys.get(name, name)).get_shape())
                 if got != want:
                     raise CheckpointFormatError(
                         f"{files[name]}: tensor '{name}' has shape {got}, expected {want} from config.json")
@@ -173,7 +188,9 @@ def load_params(model_dir: str | Path, cfg: ModelConfig, dtype=jnp.float32, mesh
                 sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
             else:
                 sharding = shd.named_sharding(axes, shape, mesh, rules)
-            array = _place(shape, sharding, _reader(tmap, cfg, files, shape, np_dtype))
+            read = (mxfp4.reader(names, files, shape, np_dtype) if packed
+                    else _reader(tmap, cfg, files, shape, np_dtype, keys))
+            array = _place(shape, sharding, read)
             if len(tmap.path) == 1:
                 params[tmap.path[0]] = array
             else:

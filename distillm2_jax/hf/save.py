@@ -43,6 +43,8 @@ def _hf_tensors(model: Decoder, np_dtype):
         value = params[tmap.path[0]] if len(tmap.path) == 1 else params["layers"][tmap.path[1]]
         host = _to_host(value).astype(np_dtype, copy=False)  # no second copy when the dtype matches
         names = tmap.hf_names(cfg.num_layers)
+        if tmap.num_experts:  # one tensor per (layer, expert), layer-major like the names
+            host = host.reshape((-1,) + host.shape[2:])
         for i, name in enumerate(names):
             arr = host[i] if tmap.stacked else host
             yield name, np.ascontiguousarray(arr.T if tmap.transpose else arr)
@@ -116,7 +118,10 @@ def save_pretrained(model: Decoder, out_dir: str | Path, tokenizer=None, *, dtyp
             (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
         hf_dict = dict(model.hf_config)
+        if hf_dict.get("model_type") == "gemma3":  # an image-text model: write its text model
+            hf_dict = dict(hf_dict.get("text_config") or {})
         hf_dict.pop("torch_dtype", None)
+        hf_dict.pop("quantization_config", None)  # weights are written dequantized (e.g. gpt-oss MXFP4)
         hf_dict.update(dtype=dtype.name, vocab_size=model.config.vocab_size,
                        tie_word_embeddings=model.config.tie_word_embeddings)
         if not hf_dict.get("architectures"):
@@ -135,4 +140,6 @@ def save_pretrained(model: Decoder, out_dir: str | Path, tokenizer=None, *, dtyp
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM", "olmo3": "Olmo3ForCausalLM", "smollm3": "SmolLM3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM", "gpt_oss": "GptOssForCausalLM",
 }

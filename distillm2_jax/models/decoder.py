@@ -1,9 +1,11 @@
-"""One decoder for Llama, Mistral, Qwen2/2.5, Qwen3 and Gemma2.
+"""One decoder for every supported family (docs/models.md: Llama, Mistral, Qwen2/2.5, Qwen3,
+Gemma 2/3, OLMo 3, SmolLM3, and the mixture-of-experts families).
 
 The computation is a pure function of a parameter dict (`forward`), with the layers stacked
 on a leading axis and run by `jax.lax.scan`: one layer is compiled whatever the depth, remat
-wraps the scan body, and per-layer differences (Gemma2's alternating sliding/full attention)
-are scanned data, not Python branches. `Decoder` is the Flax NNX module that holds those
+wraps the scan body, and per-layer differences (sliding/full attention, Gemma 3's local and
+global rope bases, SmolLM3's NoPE layers) are scanned data - a window and a rope index per
+layer - not Python branches. `Decoder` is the Flax NNX module that holds those
 parameters (with logical sharding axes as metadata) and calls `forward` under `jax.jit`.
 
 A KV cache (`kv_cache.KVCache`) is an optional input and output of the same forward: the
@@ -16,7 +18,8 @@ Parameter layout (kernels are [in, out], HF stores [out, in]):
     embed [V, H]; lm_head [H, V] (untied only); final_norm [H];
     layers/{attn_norm, mlp_norm, post_attn_norm, post_mlp_norm} [L, H];
     layers/{q [L, H, Hq*D], k, v [L, H, Hkv*D], o [L, Hq*D, H]}, optional *_bias;
-    layers/{q_norm, k_norm} [L, D] (Qwen3); layers/{gate, up [L, H, I], down [L, I, H]}.
+    layers/{q_norm, k_norm} [L, D] (Qwen3, Gemma 3; OLMo 3: [L, Hq*D], [L, Hkv*D]);
+    layers/sinks [L, Hq] (gpt-oss); layers/{gate, up [L, H, I], down [L, I, H]}.
 """
 from __future__ import annotations
 
@@ -70,8 +73,18 @@ def param_specs(cfg: ModelConfig) -> dict[str, Any]:
     if cfg.mlp_bias:
         layers.update(gate_bias=((L, I), ("layers", "mlp")), up_bias=((L, I), ("layers", "mlp")),
                       down_bias=((L, H), ("layers", "norm")))
-    if cfg.qk_norm:
+    if not cfg.pre_norm:  # OLMo 3: post-norms only
+        del layers["attn_norm"], layers["mlp_norm"]
+    if cfg.qk_norm and cfg.qk_norm_full:  # OLMo 3: over the whole projection
+        layers.update(q_norm=((L, q_dim), ("layers", "heads")), k_norm=((L, kv_dim), ("layers", "kv_heads")))
+    elif cfg.qk_norm:
         layers.update(q_norm=((L, D), ("layers", "head_dim")), k_norm=((L, D), ("layers", "head_dim")))
+    if cfg.attn_sinks:
+        layers["sinks"] = ((L, cfg.num_heads), ("layers", "norm"))
+    if cfg.is_moe:
+        for dense in ("gate", "up", "down"):
+            del layers[dense]
+        layers.update(_moe_specs(cfg))
     if cfg.sandwich_norm:
         layers.update(post_attn_norm=((L, H), ("layers", "norm")), post_mlp_norm=((L, H), ("layers", "norm")))
     specs: dict[str, Any] = {
@@ -81,6 +94,25 @@ def param_specs(cfg: ModelConfig) -> dict[str, Any]:
     }
     if not cfg.tie_word_embeddings:
         specs["lm_head"] = ((H, cfg.vocab_size), ("embed", "vocab"))
+    return specs
+
+
+def _moe_specs(cfg: ModelConfig) -> dict[str, Any]:
+    """The mixture-of-experts leaves that replace gate/up/down (`models.moe`): expert weights
+    stacked [L, E, in, out] on a logical "expert" axis, the router [L, H, E]."""
+    L, H, E, I = cfg.num_layers, cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
+    specs: dict[str, Any] = {"router": ((L, H, E), ("layers", "embed", "router"))}
+    if cfg.expert_activation == "swiglu_clamped":  # gpt-oss: fused, gate/up interleaved
+        specs["expert_gate_up"] = ((L, E, H, 2 * I), ("layers", "expert", "embed", "mlp"))
+    else:
+        specs.update(expert_gate=((L, E, H, I), ("layers", "expert", "embed", "mlp")),
+                     expert_up=((L, E, H, I), ("layers", "expert", "embed", "mlp")))
+    specs["expert_down"] = ((L, E, I, H), ("layers", "expert", "mlp", "embed"))
+    if cfg.router_bias:
+        specs["router_bias"] = ((L, E), ("layers", "router"))
+    if cfg.expert_bias:
+        specs.update(expert_gate_up_bias=((L, E, 2 * I), ("layers", "expert", "mlp")),
+                     expert_down_bias=((L, E, H), ("layers", "expert", "norm")))
     return specs
 
 
@@ -143,8 +175,12 @@ def positions_from_mask(attention_mask: jax.Array, offset: jax.Array | None = No
 def forward(params: Params, cfg: ModelConfig, input_ids: jax.Array,
             attention_mask: jax.Array | None = None, *, positions: jax.Array | None = None,
             cache: KVCache | None = None, compute_dtype=None, remat: str = "none",
-            max_query_blocks: int = MAX_QUERY_BLOCKS, flatten_linear: bool = True):
+            max_query_blocks: int = MAX_QUERY_BLOCKS, flatten_linear: bool = True,
+            router_stats: bool = False):
     """Final-norm hidden states [B, T, H] (and the updated cache, or None).
+
+    router_stats (cache-free only): also return the MoE routers' `moe.RouterStats` summed over
+    layers and real tokens (None for a dense model): (hidden, None, stats).
 
     Without a cache, key slots are the T input positions. With one (`init_cache`), row b's T
     new tokens are written at its slots [cache.index[b], cache.index[b] + T) and attend to
@@ -176,22 +212,28 @@ def forward(params: Params, cfg: ModelConfig, input_ids: jax.Array,
     base_mask = key_valid[:, None, :] & (distance >= 0)           # [B, T, S]
 
     x = _embed(params, cfg, input_ids, cdt)
-    cos, sin = rope.cos_sin(cfg, positions)
+    table = rope.tables(cfg, positions)   # each distinct rope once; a layer picks its own
     tuning = dict(max_query_blocks=max_query_blocks, flatten_linear=flatten_linear)
 
     if cache is None:
         def body(x, xs):
-            p, window = xs
+            p, window, r = xs
+            cos, sin = rope.pick(table, r)
             in_window = (window == 0) | (distance < window)
-            return decoder_layer(cfg, p, x, cos, sin, base_mask & in_window, **tuning)
+            return decoder_layer(cfg, p, x, cos, sin, base_mask & in_window, **tuning,
+                                 token_weight=attention_mask)
 
         windows = jnp.asarray(cfg.layer_windows or (0,) * cfg.num_layers, jnp.int32)
-        x, _ = jax.lax.scan(_with_remat(body, remat), x, (params["layers"], windows))
-        return rms_norm(x, params["final_norm"], cfg.rms_norm_eps, cfg.norm_plus_one), None
+        x, stats = jax.lax.scan(_with_remat(body, remat), x, (params["layers"], windows, rope.layer_indices(cfg)))
+        hidden = rms_norm(x, params["final_norm"], cfg.rms_norm_eps, cfg.norm_plus_one)
+        if router_stats:
+            return hidden, None, _sum_layers(stats)
+        return hidden, None
 
     def cached_body(carry, xs):
         x, ks, vs = carry
-        p, window, i = xs
+        p, window, r, i = xs
+        cos, sin = rope.pick(table, r)
         in_window = (window == 0) | (distance < window)
         x, (ks, vs, _) = decoder_layer(cfg, p, x, cos, sin, base_mask & in_window, (ks, vs, i),
                                        cache.index, **tuning)
@@ -199,7 +241,8 @@ def forward(params: Params, cfg: ModelConfig, input_ids: jax.Array,
 
     windows = jnp.asarray(cfg.layer_windows or (0,) * cfg.num_layers, jnp.int32)
     (x, ks, vs), _ = jax.lax.scan(cached_body, (x, cache.k, cache.v),
-                                  (params["layers"], windows, jnp.arange(cfg.num_layers)))
+                                  (params["layers"], windows, rope.layer_indices(cfg),
+                                                         jnp.arange(cfg.num_layers)))
     hidden = rms_norm(x, params["final_norm"], cfg.rms_norm_eps, cfg.norm_plus_one)
     return hidden, KVCache(ks, vs, key_valid, cache.index + T)
 
@@ -207,7 +250,7 @@ def forward(params: Params, cfg: ModelConfig, input_ids: jax.Array,
 def forward_pairs(params: Params, cfg: ModelConfig, prompt_ids: jax.Array, prompt_mask: jax.Array,
                   response_ids: jax.Array, response_mask: jax.Array, *, compute_dtype=None,
                   remat: str = "none", max_query_blocks: int = MAX_QUERY_BLOCKS,
-                  flatten_linear: bool = True):
+                  flatten_linear: bool = True, router_stats: bool = False):
     """Final-norm hidden states of B prompts and their 2B responses, each prompt run once.
 
     prompt_ids/prompt_mask [B, P] are LEFT-padded; response_ids/response_mask [2B, R] are
@@ -220,7 +263,10 @@ def forward_pairs(params: Params, cfg: ModelConfig, prompt_ids: jax.Array, promp
     A pair is packed as one [P + 2R] sequence, so batch-sharded inputs stay shard-local (a pair
     never spans devices) and every linear layer is one matmul over prompt and response tokens.
 
-    Returns (prompt_hidden [B, P, H], response_hidden [2B, R, H], pair-major).
+    Returns (prompt_hidden [B, P, H], response_hidden [2B, R, H], pair-major), and with
+    `router_stats` the MoE routers' `moe.RouterStats` (None if dense) summed over layers and
+    the real tokens of the 2B rows [prompt | response] (a prompt token counts twice, as in
+    `forward` on those rows).
     """
     B, P = prompt_ids.shape
     N, R = response_ids.shape
@@ -238,19 +284,28 @@ def forward_pairs(params: Params, cfg: ModelConfig, prompt_ids: jax.Array, promp
     H = cfg.hidden_size
     x = jnp.concatenate([_embed(params, cfg, prompt_ids, cdt),
                          _embed(params, cfg, response_ids, cdt).reshape(B, 2 * R, H)], axis=1)
-    ropes = (rope.cos_sin(cfg, pos_p), rope.cos_sin(cfg, pos_r))
+    tables = (rope.tables(cfg, pos_p), rope.tables(cfg, pos_r))
     windows = jnp.asarray(cfg.layer_windows or (0,) * cfg.num_layers, jnp.int32)
 
     def body(x, xs):
-        p, window = xs
+        p, window, r = xs
+        ropes = (rope.pick(tables[0], r), rope.pick(tables[1], r))
         win = lambda d: (window == 0) | (d < window)  # noqa: E731
         masks = (mask_p & win(dist_p)[None], mask_r & win(dist_r)[None])
         return pair_layer(cfg, p, x, P, ropes, masks, max_query_blocks=max_query_blocks,
-                          flatten_linear=flatten_linear), None
+                          flatten_linear=flatten_linear, token_weight=token_weight)
 
-    x, _ = jax.lax.scan(_with_remat(body, remat), x, (params["layers"], windows))
+    token_weight = jnp.concatenate([2.0 * pmask, rmask.reshape(B, 2 * R)], axis=1).astype(jnp.float32)
+    x, stats = jax.lax.scan(_with_remat(body, remat), x, (params["layers"], windows, rope.layer_indices(cfg)))
     hidden = rms_norm(x, params["final_norm"], cfg.rms_norm_eps, cfg.norm_plus_one)
+    if router_stats:
+        return hidden[:, :P], hidden[:, P:].reshape(N, R, H), _sum_layers(stats)
     return hidden[:, :P], hidden[:, P:].reshape(N, R, H)
+
+
+def _sum_layers(stats):
+    """Per-layer router statistics stacked by the layer scan -> summed over layers (None stays)."""
+    return None if stats is None else jax.tree.map(lambda a: jnp.sum(a, axis=0), stats)
 
 
 def output_head(params: Params, cfg: ModelConfig) -> jax.Array:

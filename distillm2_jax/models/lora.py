@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from distillm2_jax import sharding as shd
+from distillm2_jax.errors import UserError
 from distillm2_jax.models.config import ModelConfig
 from distillm2_jax.models.layer import LORA_TARGETS
 from distillm2_jax.models.decoder import param_specs as base_param_specs
@@ -61,6 +62,9 @@ def param_specs(cfg: ModelConfig, rank: int, targets: Sequence[str] = LORA_TARGE
     base = base_param_specs(cfg)["layers"]
     specs: dict[str, Any] = {}
     for t in _check_targets(targets):
+        if t not in base and cfg.is_moe:
+            raise UserError(f"LoRA target '{t}': the MLP of this {cfg.model_type} model is a mixture of "
+                            "experts, and LoRA on experts is not supported (use targets among q, k, v, o)")
         (n_layers, d_in, d_out), (l_ax, in_ax, out_ax) = base[t]
         specs[t + A_SUFFIX] = ((n_layers, d_in, rank), (l_ax, in_ax, "lora_rank"))
         specs[t + B_SUFFIX] = ((n_layers, rank, d_out), (l_ax, "lora_rank", out_ax))

@@ -9,7 +9,7 @@ changing them never recompiles, and whether the curriculum is on is a traced fla
 `lax.cond` (one program; epoch 1 does not pay for the curriculum's extra head pass). The
 curriculum's gaps need the teacher's per-sequence log-probs, which are fixed within an epoch:
 the trainer passes them in (`teacher_sequence_logprobs`, run at the epoch start), so the extra
-pass runs the student's head only.
+pass runs the student's head only. For DPO / IPO the teacher's slot holds the frozen reference.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import optax
 
 from distillm2_jax import objectives
 from distillm2_jax.objectives import curriculum
-from distillm2_jax.models import decoder
+from distillm2_jax.models import decoder, moe
 from distillm2_jax.models.config import ModelConfig
 from distillm2_jax.train.batch import Batch, loss_hidden, loss_labels
 from distillm2_jax.train.student import forward_params
@@ -39,11 +39,17 @@ class TrainState:
     opt_state: optax.OptState
 
 
-def pair_hidden(params: Params, cfg: ModelConfig, micro: Batch, *, compute_dtype, remat: str = "none"):
-    """A model's `loss_hidden` of one micro-batch (prompts run once per pair)."""
-    hp, hr = decoder.forward_pairs(params, cfg, micro.prompt_ids, micro.prompt_mask, micro.response_ids,
-                                   micro.response_mask, compute_dtype=compute_dtype, remat=remat)
-    return loss_hidden(hp, hr)
+def pair_hidden(params: Params, cfg: ModelConfig, micro: Batch, *, compute_dtype, remat: str = "none",
+                with_aux: bool = False):
+    """A model's `loss_hidden` of one micro-batch (prompts run once per pair); with `with_aux`,
+    (hidden, the MoE router's load-balancing loss over the real tokens, 0 for a dense model)."""
+    out = decoder.forward_pairs(params, cfg, micro.prompt_ids, micro.prompt_mask, micro.response_ids,
+                                micro.response_mask, compute_dtype=compute_dtype, remat=remat,
+                                router_stats=with_aux)
+    hidden = loss_hidden(out[0], out[1])
+    if not with_aux:
+        return hidden
+    return hidden, (jnp.zeros((), jnp.float32) if out[2] is None else moe.load_balancing_loss(out[2]))
 
 
 class StepInputs(NamedTuple):
@@ -75,6 +81,7 @@ class StepConfig:
     compute_dtype: str = "float32"
     remat: str = "none"
     lora_dropout: float = 0.0
+    objective_options: tuple = ()   # ((key, value), ...): the objective's static loss options
 
 
 def _sequence_logprobs(hs, ws, ht, wt, labels, teacher_logp_seq, cfg: StepConfig) -> dict:
@@ -90,15 +97,18 @@ def _sequence_logprobs(hs, ws, ht, wt, labels, teacher_logp_seq, cfg: StepConfig
 
 
 def micro_loss(trainable: Params, frozen: Params, teacher: Params | None, cfg: StepConfig,
-               micro: Batch, inputs: StepInputs, denominators: dict | None = None):
+               micro: Batch, inputs: StepInputs, denominators: dict | None = None, num_micro: int = 1):
     """Loss and metrics of one micro-batch (a `Batch` without its leading A axis).
 
     denominators: the whole step's counts (`objectives.loss_denominators` of `loss_labels`), so
-    that the micro-batch losses add up to the loss of the whole batch.
+    that the micro-batch losses add up to the loss of the whole batch. A mixture-of-experts
+    student adds `router_aux_loss_coef` times its router's load-balancing loss (`models.moe`),
+    divided by the `num_micro` micro-batches so that the step adds their mean.
     """
     student = forward_params(trainable, frozen, key=inputs.key, dropout=cfg.lora_dropout)
     dtype = cfg.compute_dtype
-    hs = pair_hidden(student, cfg.student, micro, compute_dtype=dtype, remat=cfg.remat)
+    hs, router_aux = pair_hidden(student, cfg.student, micro, compute_dtype=dtype, remat=cfg.remat,
+                                 with_aux=True)
     ws = decoder.output_head(student, cfg.student)
     ht = wt = None
     if cfg.teacher is not None:
@@ -120,9 +130,13 @@ def micro_loss(trainable: Params, frozen: Params, teacher: Params | None, cfg: S
     loss, metrics = objectives.chunked_objective(
         cfg.objective, hs, ws, ht, wt, labels, num_pairs=num_pairs, chunk_size=cfg.chunk_size,
         alpha=alpha, beta=inputs.beta, skew_stopgrad=cfg.skew_stopgrad, reduction=cfg.reduction,
-        normalization=cfg.normalization, denominators=denominators, **softcaps)
+        normalization=cfg.normalization, denominators=denominators,
+        options=dict(cfg.objective_options), **softcaps)
     metrics = {**metrics, "alpha_mean": jnp.mean(alpha), "alpha_min": jnp.min(alpha), "alpha_max": jnp.max(alpha),
                "tokens": jnp.sum(labels != objectives.IGNORE_INDEX)}
+    if cfg.student.is_moe:
+        loss = loss + cfg.student.router_aux_loss_coef * router_aux / num_micro
+        metrics["router_aux_loss"] = router_aux
     return loss, metrics
 
 
@@ -154,7 +168,7 @@ def train_step(state: TrainState, frozen: Params, teacher: Params | None, batch:
         step_inputs = inputs._replace(key=jax.random.key_data(
             jax.random.fold_in(jax.random.wrap_key_data(inputs.key), i)), teacher_logp_seq=teacher_logp_seq)
         (loss, metrics), grads = grad_fn(state.trainable, frozen, teacher, cfg, micro, step_inputs,
-                                         denominators)
+                                         denominators, num_micro)
         metrics = {**_scalar_metrics(metrics), "loss": loss}
         grads_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_sum, grads)
         metrics_sum = {k: _REDUCE.get(k, jnp.add)(metrics_sum[k], v) for k, v in metrics.items()}

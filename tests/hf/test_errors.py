@@ -37,9 +37,11 @@ def test_unknown_architecture(good_dir, tmp_path):
 def test_unsupported_rope_type(good_dir, tmp_path):
     d = _copy(good_dir, tmp_path / "m")
     cfg = json.loads((d / "config.json").read_text())
-    cfg["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}
+    cfg["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 10000.0, "factor": 4.0,
+                              "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
+                              "original_max_position_embeddings": 64}
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UnsupportedConfigError, match="rope_type 'yarn' is not supported"):
+    with pytest.raises(UnsupportedConfigError, match="rope_type 'longrope' is not supported"):
         from_pretrained(d)
 
 

@@ -7,6 +7,9 @@
         run = api.train(api.with_overrides(cfg, {"objective.name": objective, "run_dir": f"runs/{objective}"}))
         student = api.restore_student(run.run_dir)
         print(objective, api.nll(student, "heldout_pairs.jsonl", api.load_tokenizer(cfg.model.teacher)))
+        # the teacher decoding with the student as its draft (docs/speculative.md):
+        # api.sample(teacher, prompt_ids, max_new_tokens=256, draft=student, draft_tokens=4)
+        # api.measure_speedup(teacher, student, prompt_ids) -> SpeedupResult(speedup, acceptance_rate, ...)
         api.export(run.run_dir, f"exports/{objective}")
 """
 from __future__ import annotations
@@ -14,8 +17,8 @@ from __future__ import annotations
 from distillm2_jax.config import Config, dump as dump_config, load as load_config, with_overrides
 from distillm2_jax.data.pairs import build_pairs, read_pairs
 from distillm2_jax.data.tokenizer import load_tokenizer
-from distillm2_jax.evaluate import (AcceptanceResult, ExactMatchResult, NLLResult, acceptance_rate, exact_match,
-                                    nll, respond)
+from distillm2_jax.evaluate import (AcceptanceResult, ExactMatchResult, NLLResult, SpeedupResult, acceptance_rate,
+                                    exact_match, measure_speedup, nll, respond)
 from distillm2_jax.generation import generate_file, sample
 from distillm2_jax.hf import from_pretrained, save_pretrained
 from distillm2_jax.models import from_config
@@ -25,6 +28,6 @@ from distillm2_jax.train.loop import RunResult, Trainer, train
 __all__ = [
     "AcceptanceResult", "Config", "ExactMatchResult", "NLLResult", "RunResult", "Trainer", "acceptance_rate",
     "build_pairs", "dump_config", "exact_match", "export", "from_config", "from_pretrained", "generate_file",
-    "load_config", "load_tokenizer", "nll", "read_pairs", "respond", "restore_student", "sample",
-    "save_pretrained", "train", "with_overrides",
+    "load_config", "load_tokenizer", "measure_speedup", "nll", "read_pairs", "respond", "restore_student", "sample",
+    "save_pretrained", "SpeedupResult", "train", "with_overrides",
 ]

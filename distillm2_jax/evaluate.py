@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import time
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +19,9 @@ from distillm2_jax.data.batches import make_batch
 from distillm2_jax.data.chat import encode_prompts, pad_token_id, stop_token_ids
 from distillm2_jax.data.messages import prompt_from_value
 from distillm2_jax.data.pairs import read_pairs
-from distillm2_jax.generation import sample
+from distillm2_jax.generation import bucket_length, sample
 from distillm2_jax.models import align_vocab, decoder
+from distillm2_jax.sampling.speculative import SpeculativeStats
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,8 +69,9 @@ def _messages(prompt) -> list:
 
 
 def respond(model, prompts, tokenizer, *, max_new_tokens: int = 256, temperature: float = 0.0,
-            batch_size: int = 32, max_prompt_length: int = 512, seed: int = 0) -> list[str]:
-    """One response per prompt (a string or a messages list), greedy by default, decoded text.
+            batch_size: int = 32, max_prompt_length: int = 512, seed: int = 0, top_p: float = 1.0) -> list[str]:
+    """One response per prompt (a string or a messages list), greedy by default, decoded text
+    (top_p < 1: nucleus sampling, e.g. the paper's student answers at T 0.8, top-p 0.95).
 
     The model's logits are sliced to the tokenizer's vocabulary first (`models.align_vocab`), so
     padding rows of a larger head (Qwen2.5-7B: 152064 rows) are never sampled.
@@ -78,8 +81,8 @@ def respond(model, prompts, tokenizer, *, max_new_tokens: int = 256, temperature
     encoded = encode_prompts(tokenizer, [_messages(p) for p in prompts], max_prompt_length=max_prompt_length)
     stops = set(stop_token_ids(tokenizer))
     results = sample(model, [e.input_ids.tolist() for e in encoded], max_new_tokens=max_new_tokens,
-                     temperature=temperature, eos_ids=tuple(stops), seed=seed, batch_size=batch_size,
-                     pad_id=pad_token_id(tokenizer))
+                     temperature=temperature, top_p=top_p, eos_ids=tuple(stops), seed=seed,
+                     batch_size=batch_size, pad_id=pad_token_id(tokenizer))
     return [tokenizer.decode([t for t in r.tokens if t not in stops], skip_special_tokens=True) for r in results]
 
 
@@ -208,3 +211,73 @@ def acceptance_rate(draft, target, pairs, tokenizer, *, batch_size: int = 8, max
         acc, agree, count, nll_total = acc + float(a), agree + float(g), count + int(c), nll_total + float(s)
     return AcceptanceResult(acc / max(count, 1), agree / max(count, 1), int(count),
                             nll_total / count if count else float("nan"))
+
+
+# --------------------------------------------------------------------------- speculative decoding
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeedupResult:
+    """Measured speculative decoding (`sampling.speculative`) of `target` with `draft` against
+    plain decoding of `target`, on the same prompts and settings, compile time excluded.
+
+    plain_tokens_per_s / speculative_tokens_per_s: new tokens per second of the best run of
+    each (runs interleaved, so load from other processes hits both); speedup: their ratio.
+    acceptance_rate / tokens_per_target_call: of the speculative runs (`SpeculativeStats`).
+    same_tokens: every row's tokens equal plain decoding's (expected when greedy; with sampling
+    the two draw different random numbers).
+    """
+    plain_tokens_per_s: float
+    speculative_tokens_per_s: float
+    speedup: float
+    acceptance_rate: float
+    tokens_per_target_call: float
+    draft_tokens: int
+    tokens: int
+    rows: int
+    same_tokens: bool
+
+
+def measure_speedup(target, draft, prompt_ids, *, draft_tokens: int = 4, max_new_tokens: int = 128,
+                    temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, eos_ids=(), seed: int = 0,
+                    batch_size: int = 16, pad_id: int = 0, repeats: int = 2) -> SpeedupResult:
+    """Decode `prompt_ids` (token-id lists) plainly and speculatively, `repeats` interleaved runs
+    each after one warm-up batch per method (same compiled shapes: one prompt bucket), and
+    compare the best runs. Both models must share the vocabulary (`models.align_vocab`).
+    """
+    prompt_ids = [list(p) for p in prompt_ids]
+    if not prompt_ids:
+        raise ValueError("measure_speedup needs at least one prompt")
+    kw = dict(max_new_tokens=int(max_new_tokens), temperature=temperature, top_p=top_p, top_k=top_k,
+              eos_ids=tuple(eos_ids), seed=seed, batch_size=batch_size, pad_id=pad_id,
+              prompt_buckets=[bucket_length(max(len(p) for p in prompt_ids))])
+    spec_kw = dict(draft=draft, draft_tokens=draft_tokens)
+    sample(target, prompt_ids[:batch_size], **kw)                  # warm-up: compile both
+    sample(target, prompt_ids[:batch_size], **kw, **spec_kw)
+    best = {"plain": math.inf, "spec": math.inf}
+    stats = plain = spec = None
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        plain = sample(target, prompt_ids, **kw)
+        best["plain"] = min(best["plain"], time.perf_counter() - t0)
+        stats = SpeculativeStats(draft_tokens)
+        t0 = time.perf_counter()
+        spec = sample(target, prompt_ids, **kw, **spec_kw, stats=stats)
+        best["spec"] = min(best["spec"], time.perf_counter() - t0)
+    tokens = sum(r.new_tokens for r in plain)
+    spec_tokens = sum(r.new_tokens for r in spec)
+    return SpeedupResult(plain_tokens_per_s=tokens / best["plain"], speculative_tokens_per_s=spec_tokens / best["spec"],
+                         speedup=(spec_tokens / best["spec"]) / (tokens / best["plain"]),
+                         acceptance_rate=stats.acceptance_rate, tokens_per_target_call=stats.tokens_per_target_call,
+                         draft_tokens=int(draft_tokens), tokens=tokens, rows=len(prompt_ids),
+                         same_tokens=[r.tokens for r in plain] == [r.tokens for r in spec])
+
+
+def measure_speedup_on_prompts(draft, target, prompts, tokenizer, *, max_prompt_length: int = 512,
+                               **kwargs) -> SpeedupResult:
+    """`measure_speedup` on prompts (strings or messages lists) rendered by the tokenizer's chat
+    template, stopping at its EOS / end-of-turn ids (the models' vocabularies aligned to it)."""
+    align_vocab(len(tokenizer), draft, target)
+    encoded = encode_prompts(tokenizer, [_messages(p) for p in prompts], max_prompt_length=max_prompt_length)
+    return measure_speedup(target, draft, [e.input_ids.tolist() for e in encoded],
+                           eos_ids=tuple(stop_token_ids(tokenizer)), pad_id=pad_token_id(tokenizer), **kwargs)

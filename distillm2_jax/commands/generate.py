@@ -10,6 +10,11 @@ interruption and it continues after the last complete line (the arguments are ke
 OUT.meta.json; different arguments are refused unless --overwrite). On several hosts, run the
 same command on each (launch/local_cpu.sh rehearses it): the batch rows are sharded over every
 process's devices and process 0 writes the file. See docs/generation.md.
+
+With --draft STUDENT the model (e.g. the teacher) decodes speculatively: the draft proposes
+--draft-tokens tokens per round and the model verifies them in one forward; the output follows
+the same distribution (greedy: the same tokens), and the acceptance rate and tokens per model
+forward are printed (docs/speculative.md). The draft must use the model's tokenizer.
 """
 from __future__ import annotations
 
@@ -45,6 +50,10 @@ def register(subparsers) -> None:
     p.add_argument("--limit", type=int, help="only the first N prompts")
     p.add_argument("--plain-prompts", action="store_true",
                    help="allow a tokenizer without chat template (prompt text used as is)")
+    p.add_argument("--draft", metavar="DIR", help="speculative decoding with this smaller model (same tokenizer) "
+                   "as the draft")
+    p.add_argument("--draft-tokens", type=int, default=4, metavar="K",
+                   help="tokens the draft proposes per round (default 4; with --draft)")
     p.add_argument("--overwrite", action="store_true", help="start over even if OUT exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_distributed_flags(p)
@@ -75,6 +84,23 @@ def parse_mesh(text: str | None):
     return shd.make_mesh(shape)
 
 
+def check_draft_tokenizer(draft_dir: str, tokenizer) -> None:
+    """UserError when the draft's folder holds a tokenizer whose id -> token map differs from
+    `tokenizer`'s (a folder without tokenizer files is trusted; its head size is checked later)."""
+    from pathlib import Path
+
+    from distillm2_jax.data.generations import tokenizer_fingerprint
+    from distillm2_jax.data.tokenizer import load_tokenizer
+    from distillm2_jax.errors import UserError
+
+    if not any((Path(draft_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        return
+    theirs, ours = tokenizer_fingerprint(load_tokenizer(draft_dir)), tokenizer_fingerprint(tokenizer)
+    if theirs != ours:
+        raise UserError(f"--draft {draft_dir}: its tokenizer ({theirs}) differs from the model's ({ours}); "
+                        "speculative decoding needs one shared vocabulary")
+
+
 def run(args: argparse.Namespace) -> int:
     import os
 
@@ -88,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
 
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
 
-    for name in ("max_new_tokens", "batch_size", "max_prompt_length"):
+    for name in ("max_new_tokens", "batch_size", "max_prompt_length", "draft_tokens"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive")
     if not 0.0 < args.top_p <= 1.0:
@@ -100,13 +126,18 @@ def run(args: argparse.Namespace) -> int:
     if mesh is not None and mesh.size == 1:
         mesh = None  # one device: nothing to shard
     model = from_pretrained(args.model, dtype=getattr(jnp, args.dtype), mesh=mesh)
+    draft = None
+    if args.draft:
+        draft = from_pretrained(args.draft, dtype=getattr(jnp, args.dtype), mesh=mesh)
+        check_draft_tokenizer(args.draft, tokenizer)
     summary = generate_file(
         model, args.prompts, args.out, tokenizer=tokenizer, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         max_prompt_length=args.max_prompt_length, seed=args.seed, batch_size=args.batch_size,
         mesh=mesh, model_name=os.path.abspath(args.model), overwrite=args.overwrite,
         progress=not args.no_progress, prompt_field=args.prompt_field, limit=args.limit,
-        plain_fallback=args.plain_prompts)
+        plain_fallback=args.plain_prompts, draft=draft, draft_tokens=args.draft_tokens,
+        draft_name=os.path.abspath(args.draft) if args.draft else None)
     if distributed.is_main_process():
         print(f"distillm2 generate: {summary.describe()} -> {args.out}", file=sys.stderr)
     return 0

@@ -8,6 +8,10 @@ behaviour, for comparison). A run compiles a bounded number of programs whatever
 prompts, the weights are used in place (no second copy), and each row's random stream depends
 only on (seed, row id), never on its slot or on what else decodes: greedy and seeded outputs
 are those of static batches. Results come back in row order.
+
+With `draft=` a smaller model of the same vocabulary proposes `draft_tokens` tokens per round and
+the model verifies them in one forward (`sampling.speculative`): the same output distribution
+(greedy: the same tokens), fewer forwards of the large model; `stats=` collects the acceptance.
 """
 from __future__ import annotations
 
@@ -25,8 +29,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 from distillm2_jax import sharding as shd
 from distillm2_jax.models import param_shardings
 from distillm2_jax.models.config import ModelConfig
-from distillm2_jax.generation.slots import run_slots
+from distillm2_jax.generation.slots import PlainEngine, run_slots
 from distillm2_jax.sampling.decode import SamplingConfig, stop_id_array
+from distillm2_jax.sampling.speculative import SpeculativeEngine, SpeculativeStats, check_vocab
 
 MIN_BUCKET = 16
 FINISH_STOP, FINISH_LENGTH = "stop", "length"
@@ -146,12 +151,15 @@ def iter_sample(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: i
                 row_ids: Sequence[int | str] | None = None, pad_id: int = 0,
                 prompt_buckets: Sequence[int] | None = None, start_row: int = 0,
                 progress: bool = False, sync_every: int = 32, desc: str = "generate",
-                continuous: bool = True, min_refill: int | None = None
-                ) -> Iterator[tuple[list[int], list[Result]]]:
+                continuous: bool = True, min_refill: int | None = None, draft=None, draft_tokens: int = 4,
+                stats: SpeculativeStats | None = None) -> Iterator[tuple[list[int], list[Result]]]:
     """Yield (row indices, results) in row order, as soon as each run of rows is complete
     (see `sample` for the arguments). `start_row` skips the first rows without computing them.
     """
     params, cfg, cdt = model_parts(model)
+    if draft is not None:
+        dparams, dcfg, ddt = model_parts(draft)
+        check_vocab(cfg, dcfg)
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
     if sync_every <= 0:
         raise ValueError(f"sync_every must be positive, got {sync_every}")
@@ -159,8 +167,9 @@ def iter_sample(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: i
     for i, p in enumerate(prompts):
         if p.size == 0:
             raise ValueError(f"prompt {i} is empty")
-        if p.min() < 0 or p.max() >= cfg.vocab_size:
-            raise ValueError(f"prompt {i} has token ids outside [0, {cfg.vocab_size})")
+        vocab = cfg.vocab_size if draft is None else min(cfg.vocab_size, dcfg.vocab_size)
+        if p.min() < 0 or p.max() >= vocab:
+            raise ValueError(f"prompt {i} has token ids outside [0, {vocab})")
     limits = _row_limits(max_new_tokens, len(prompts))
     ids_of_rows = list(range(len(prompts))) if row_ids is None else list(row_ids)
     if len(ids_of_rows) != len(prompts):
@@ -171,6 +180,13 @@ def iter_sample(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: i
     if mesh is not None:
         params = _params_on_mesh(params, cfg, mesh)
     static = dict(sampling=sampling, pad_id=int(pad_id), compute_dtype=cdt, mesh=mesh)
+    if draft is None:
+        engine = PlainEngine(params, cfg, static)
+    else:
+        if mesh is not None:
+            dparams = _params_on_mesh(dparams, dcfg, mesh)
+        engine = SpeculativeEngine(params, cfg, dparams, dcfg, static, draft_tokens=draft_tokens, draft_dtype=ddt,
+                                   stats=stats)
     order = list(range(max(0, start_row), len(prompts)))
 
     from tqdm.auto import tqdm
@@ -193,7 +209,7 @@ def iter_sample(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: i
                 stops=_put(stop_id_array(eos_ids), (), mesh), static=static,
                 bucket=lambda n: bucket_length(n, prompt_buckets), pad_id=int(pad_id),
                 put=lambda x, axes: _put(x, axes, mesh), to_host=_to_host, continuous=continuous,
-                min_refill=min_refill, sync_every=sync_every, on_sync=on_sync):
+                min_refill=min_refill, sync_every=sync_every, on_sync=on_sync, engine=engine):
             pending[r] = Result(tokens=tokens.tolist(), finish_reason=FINISH_STOP if stopped else FINISH_LENGTH,
                                 prompt_tokens=int(prompts[r].size), new_tokens=int(tokens.size))
             finished_tokens += int(tokens.size)
@@ -227,7 +243,8 @@ def sample(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int | 
            eos_ids: Sequence[int] = (), seed: int = 0, batch_size: int = 8, mesh=None,
            row_ids: Sequence[int | str] | None = None, pad_id: int = 0,
            prompt_buckets: Sequence[int] | None = None, progress: bool = False,
-           sync_every: int = 32, continuous: bool = True, min_refill: int | None = None) -> list[Result]:
+           sync_every: int = 32, continuous: bool = True, min_refill: int | None = None, draft=None,
+           draft_tokens: int = 4, stats: SpeculativeStats | None = None) -> list[Result]:
     """Generate a continuation of every prompt (token id lists); one `Result` per prompt, in order.
 
     model: a `models.Decoder` or a `(params, ModelConfig)` pair (e.g. the student's current
@@ -241,6 +258,10 @@ def sample(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int | 
     prompts while the others decode (False: static batches of consecutive rows); min_refill:
     slots that must be free before a refill (default `max(batch shards, slots // 8)`).
     sync_every: decode steps between host checks (progress bar, collecting finished rows).
+    draft: a smaller model (same forms as `model`, the same vocabulary) for speculative decoding
+    with `draft_tokens` drafted tokens per round (`sampling.speculative`; sync_every then counts
+    rounds); stats: a `sampling.speculative.SpeculativeStats` that receives the run's acceptance
+    and tokens per target forward.
     """
     out: list[Result] = []
     for _, results in iter_sample(model, prompt_ids, max_new_tokens=max_new_tokens,
@@ -248,6 +269,6 @@ def sample(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int | 
                                   eos_ids=eos_ids, seed=seed, batch_size=batch_size, mesh=mesh,
                                   row_ids=row_ids, pad_id=pad_id, prompt_buckets=prompt_buckets,
                                   progress=progress, sync_every=sync_every, continuous=continuous,
-                                  min_refill=min_refill):
+                                  min_refill=min_refill, draft=draft, draft_tokens=draft_tokens, stats=stats):
         out.extend(results)
     return out

@@ -14,6 +14,8 @@ run (not only those left to do). So a row's tokens, in the last bit, do not depe
 rows decode beside it, on `continuous` or `min_refill`, or on where a resumed run starts.
 
 Bounded compilation: one `decode` program per run and one `insert` program per prompt bucket.
+The programs come from an engine: `PlainEngine` (the sampler of `sampling.decode`) or
+`sampling.speculative.SpeculativeEngine` (a draft model proposes, the model verifies).
 Every process of a multi-process run sees the same host arrays (`to_host` gathers them) and
 so makes the same decisions.
 """
@@ -25,6 +27,27 @@ import jax.numpy as jnp
 import numpy as np
 
 from distillm2_jax.sampling.decode import decode, empty_state, insert
+
+
+class PlainEngine:
+    """The plain sampler's programs (`sampling.decode`) on one model; `static`: their static args."""
+
+    def __init__(self, params, cfg, static: dict):
+        self.params, self.cfg, self.static = params, cfg, static
+
+    def empty(self, *, slots: int, cache_length: int, max_new_tokens: int, pad_id: int):
+        return empty_state(self.cfg, slots=slots, cache_length=cache_length, max_new_tokens=max_new_tokens,
+                           pad_id=pad_id, compute_dtype=self.static["compute_dtype"], record_logits=False,
+                           mesh=self.static["mesh"])
+
+    def insert(self, state, ids, mask, dest, key, row_ids, limits, stops):
+        return insert(self.params, self.cfg, state, ids, mask, dest, key, row_ids, limits, stops, **self.static)
+
+    def decode(self, state, stops, max_steps, min_free):
+        return decode(self.params, self.cfg, state, stops, max_steps, min_free, **self.static)
+
+    def finish(self, state, to_host) -> None:
+        """Called with the run's last state (nothing to collect here)."""
 
 
 def insert_groups(rows: Sequence[int], buckets: Sequence[int], size: int) -> list[list[int]]:
@@ -40,7 +63,8 @@ def run_slots(params, cfg, prompts: Sequence[np.ndarray], order: Sequence[int], 
               shards: int, limits: Sequence[int], seeds: Sequence[int], key, stops, static: dict,
               bucket: Callable[[int], int], pad_id: int, put: Callable, to_host: Callable,
               continuous: bool = True, min_refill: int | None = None, sync_every: int = 32,
-              on_sync: Callable[[int], None] | None = None) -> Iterator[tuple[int, np.ndarray, bool]]:
+              on_sync: Callable[[int], None] | None = None, engine=None
+              ) -> Iterator[tuple[int, np.ndarray, bool]]:
     """Yield (row, new tokens, stopped) for every row of `order` as it finishes (any order).
 
     prompts[r] / limits[r] / seeds[r]: row r's prompt ids, max new tokens and uint32 RNG id.
@@ -48,7 +72,10 @@ def run_slots(params, cfg, prompts: Sequence[np.ndarray], order: Sequence[int], 
     logical axes) places an input on the mesh; to_host(global array) reads one back.
     min_refill: decode until this many slots are free before refilling (default: the batch
     shards, at least slots // 8); on_sync(new tokens so far) is called after each decode call.
+    engine: the sampler's programs (default `PlainEngine(params, cfg, static)`); its `decode`
+    steps are speculative rounds for a `SpeculativeEngine`.
     """
+    engine = engine or PlainEngine(params, cfg, static)
     S = slots
     todo = list(order)
     if not todo:
@@ -56,8 +83,7 @@ def run_slots(params, cfg, prompts: Sequence[np.ndarray], order: Sequence[int], 
     N = max(int(x) for x in limits)                      # all rows, not only those to do:
     C = bucket(max(p.size for p in prompts)) + N          # a resumed run keeps the shapes
     threshold = max(1, min(S, min_refill or max(shards, S // 8)))
-    state = empty_state(cfg, slots=S, cache_length=C, max_new_tokens=N, pad_id=pad_id,
-                        compute_dtype=static["compute_dtype"], record_logits=False, mesh=static["mesh"])
+    state = engine.empty(slots=S, cache_length=C, max_new_tokens=N, pad_id=pad_id)
     slot_row = [-1] * S
     next_i = 0
     while True:
@@ -67,18 +93,19 @@ def run_slots(params, cfg, prompts: Sequence[np.ndarray], order: Sequence[int], 
             next_i += len(rows)
             for group in insert_groups(rows, [bucket(prompts[r].size) for r in rows], shards):
                 dest, free = free[:len(group)], free[len(group):]
-                state = _insert_group(params, cfg, state, prompts, group, dest, limits, seeds, key, stops,
-                                      static, S=S, k=shards, P=bucket(prompts[group[0]].size), pad_id=pad_id,
+                state = _insert_group(engine, state, prompts, group, dest, limits, seeds, key, stops,
+                                      S=S, k=shards, P=bucket(prompts[group[0]].size), pad_id=pad_id,
                                       put=put)
                 for s, r in zip(dest, group):
                     slot_row[s] = r
         if all(r < 0 for r in slot_row):
+            engine.finish(state, to_host)
             return
         waiting = len(todo) - next_i
         # every slot is busy here (or there is nothing left to refill it with): stop decoding
         # once enough are free to refill; static batches decode until all are done
         min_free = min(threshold, waiting) if waiting and continuous else S + 1
-        state = decode(params, cfg, state, stops, jnp.int32(sync_every), jnp.int32(min_free), **static)
+        state = engine.decode(state, stops, jnp.int32(sync_every), jnp.int32(min_free))
         done, num_new = to_host(state.done), to_host(state.num_new)
         finished = [s for s in range(S) if slot_row[s] >= 0 and done[s]]
         if on_sync is not None:
@@ -90,7 +117,7 @@ def run_slots(params, cfg, prompts: Sequence[np.ndarray], order: Sequence[int], 
                 slot_row[s] = -1
 
 
-def _insert_group(params, cfg, state, prompts, rows, free, limits, seeds, key, stops, static, *,
+def _insert_group(engine, state, prompts, rows, free, limits, seeds, key, stops, *,
                   S: int, k: int, P: int, pad_id: int, put):
     """`insert` rows into the slots `free`, as one group of k rows left-padded to P tokens."""
     ids = np.full((k, P), pad_id, np.int32)
@@ -104,5 +131,5 @@ def _insert_group(params, cfg, state, prompts, rows, free, limits, seeds, key, s
         mask[j, P - n:] = True
         dest[j], lim[j], rid[j] = s, limits[r], seeds[r]
     mask[len(rows):, -1] = True  # padding rows: one pad token
-    return insert(params, cfg, state, put(ids, ("batch", "length")), put(mask, ("batch", "length")),
-                  put(dest, ("batch",)), key, put(rid, ("batch",)), put(lim, ("batch",)), stops, **static)
+    return engine.insert(state, put(ids, ("batch", "length")), put(mask, ("batch", "length")),
+                         put(dest, ("batch",)), key, put(rid, ("batch",)), put(lim, ("batch",)), stops)

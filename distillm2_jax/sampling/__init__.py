@@ -1,4 +1,5 @@
-"""Token sampling: logit filters (`filters`) and the compiled slot sampler (`decode`).
+"""Token sampling: logit filters (`filters`), the compiled slot sampler (`decode`) and
+speculative decoding with a draft model over the same slots (`speculative`).
 
 The loop runs the model's own forward with a KV cache (`models.decoder.forward(...,
 cache=models.kv_cache.init_cache(...))`); there is no separate decoding copy of the layer.
@@ -20,6 +21,7 @@ from distillm2_jax.sampling.decode import (
     sample_logits,
     stop_id_array,
 )
+from distillm2_jax.sampling.speculative import SpeculativeStats
 from distillm2_jax.sampling.filters import (
     apply_temperature,
     categorical,
@@ -29,7 +31,7 @@ from distillm2_jax.sampling.filters import (
 )
 
 __all__ = [
-    "GREEDY", "BatchOutput", "DecodeState", "SamplingConfig", "apply_temperature", "categorical",
+    "GREEDY", "BatchOutput", "DecodeState", "SamplingConfig", "SpeculativeStats", "apply_temperature", "categorical",
     "decode", "empty_state", "filter_logits", "generate_batch", "insert", "next_token",
     "row_keys_from_ids", "sample_logits", "stop_id_array", "top_k_filter", "top_p_filter",
 ]

@@ -4,8 +4,9 @@ An objective contributes two pure functions to the shared loss core (`terms`):
 * ``divergence(lp, lq, rows)``: its per-token divergence ([N, C, V] log-probs -> [N, C]), summed
   per row over the response positions of the rows it trains on (``rows.trained``); None for
   objectives made of label log-probs only (SeqKD, SFT, DPKD);
-* ``loss(r, sums, beta, normalization)``: the scalar loss and its named parts from the per-row
-  sums ({"lq_label", "lp_label", "div"}: [2B] each), reduced with ``r``.
+* ``loss(r, sums, beta, normalization, **options)``: the scalar loss and its named parts from the
+  per-row sums ({"lq_label", "lp_label", "div"}: [2B] each), reduced with ``r``; ``options`` are
+  the static keyword arguments the record declares (`Objective.options`).
 The core never branches on an objective's name; the chunked and unchunked paths call the same two
 functions, so they agree by construction.
 """
@@ -71,7 +72,7 @@ class Reduction:
 
 
 Divergence = Callable[[jax.Array, jax.Array, Rows], jax.Array]
-Loss = Callable[[Reduction, dict, Any, str], tuple[jax.Array, dict]]
+Loss = Callable[..., tuple[jax.Array, dict]]   # (r, sums, beta, normalization, **options)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,8 +89,14 @@ class Objective:
     trained: RowSet = "all"      # rows whose divergence is summed
     # where the step's `beta` input comes from: the b schedule (objective.beta_schedule from
     # objective.beta), a fixed config key, or nothing
-    beta: Literal["schedule", "gkd_beta", "dpkd_beta", "none"] = "none"
+    beta: Literal["schedule", "gkd_beta", "dpkd_beta", "dpo_beta", "none"] = "none"
     default_beta: float = 0.0    # `beta` when a caller of the loss passes None
     curriculum: bool = False     # objective.curriculum switches on the per-row a from epoch 2
     linear: bool = True          # the loss is linear in the per-row sums (the fused path then
                                  # needs one pass; a nonlinear one, DPKD, needs two)
+    # the teacher slot holds a frozen reference policy (`model.reference`, by default the
+    # starting student) instead of `model.teacher`, and training reads given pairs only (DPO)
+    reference: bool = False
+    # static `objective.<key>` config values the loss takes as keyword arguments
+    # (`loss(r, sums, beta, normalization, **options)`), e.g. DPO's ("label_smoothing",)
+    options: tuple[str, ...] = ()

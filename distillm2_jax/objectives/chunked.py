@@ -267,8 +267,8 @@ def chunked_objective(name: str, student_hidden: jax.Array, student_head: jax.Ar
                       student_softcap: float | None = None, teacher_softcap: float | None = None,
                       alpha=0.1, beta=None, skew_stopgrad: bool = True,
                       reduction: str = "sequence", normalization: str = "paper",
-                      grad_mode: str = "fused", denominators: dict | None = None
-                      ) -> tuple[jax.Array, dict]:
+                      grad_mode: str = "fused", denominators: dict | None = None,
+                      options: dict | None = None) -> tuple[jax.Array, dict]:
     """``objective`` computed from final hidden states and output heads, chunk by chunk.
 
     Never holds [2B, T, V] arrays, forward or backward: it walks the sequence in ``chunk_size``
@@ -293,6 +293,8 @@ def chunked_objective(name: str, student_hidden: jax.Array, student_head: jax.Ar
         forward head matmuls in the backward pass).
       denominators: batch-wide counts from ``loss_denominators`` when this call is one
         micro-batch of several (the micro-batch losses then add up to the batch's loss).
+      options: the objective's static loss options (``Objective.options``), e.g.
+        {"label_smoothing": 0.1} for dpo.
       Other options: as in ``objective``.
 
     Returns:
@@ -320,7 +322,8 @@ def chunked_objective(name: str, student_hidden: jax.Array, student_head: jax.Ar
             raise ValueError(f"teacher_head: expected [{teacher_hidden.shape[2]}, V], "
                              f"got shape {teacher_head.shape}")
         terms.check_vocab(teacher_head.shape[1], v, "teacher_head", "student_head")
-    spec = terms.make_spec(name, num_pairs, beta, skew_stopgrad, reduction, normalization, has_teacher)
+    spec = terms.make_spec(name, num_pairs, beta, skew_stopgrad, reduction, normalization, has_teacher,
+                           options)
     terms.check_labels(labels, n, t, num_pairs, "student_hidden")
     alpha = terms.alpha_rows(alpha, n)
     beta_arr = jnp.asarray(beta if spec.beta_static is None else 0.0, _f32)

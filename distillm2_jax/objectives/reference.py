@@ -14,8 +14,8 @@ _sg = jax.lax.stop_gradient
 def objective(name: str, student_logits: jax.Array, teacher_logits: jax.Array | None,
               labels: jax.Array, *, num_pairs: int, alpha=0.1, beta=None,
               skew_stopgrad: bool = True, reduction: str = "sequence",
-              normalization: str = "paper", denominators: dict | None = None
-              ) -> tuple[jax.Array, dict]:
+              normalization: str = "paper", denominators: dict | None = None,
+              options: dict | None = None) -> tuple[jax.Array, dict]:
     """One objective on a paired batch of full logits (conventions: `objectives.terms`).
 
     Args:
@@ -24,12 +24,14 @@ def objective(name: str, student_logits: jax.Array, teacher_logits: jax.Array | 
         slices both to the shared vocabulary. ``teacher_logits`` may be None for seqkd / sft.
       labels: [2B, T] int, -100 on prompt and padding (HF causal convention; shifted here).
       num_pairs: B (static). alpha: scalar or [2B] skew (stop-gradient). beta: CALD b (default
-        0.5), GKD JSD weight (0.9) or DPKD temperature (0.1); ignored by the other objectives.
+        0.5), GKD JSD weight (0.9), DPKD / DPO / IPO temperature (0.1); ignored by the others.
       skew_stopgrad: student inside the SRKL mixture is stop-gradient (authors' code).
       reduction: "sequence" (mean over sequences of per-sequence token means) or "token".
       normalization: "paper" ((1-b) SKL + b SRKL) or "authors_code" ((2-2b) SKL + 2b SRKL).
       denominators: batch-wide counts (``loss_denominators``) when this batch is one
         micro-batch of several; the micro-batch losses then add up to the whole batch's loss.
+      options: the objective's static loss options (``Objective.options``), e.g.
+        {"label_smoothing": 0.1} for dpo.
 
     Returns:
       (loss scalar, metrics dict); see docs/losses.md for the metric keys.
@@ -44,7 +46,7 @@ def objective(name: str, student_logits: jax.Array, teacher_logits: jax.Array | 
                              f"got {teacher_logits.shape}")
         terms.check_vocab(teacher_logits.shape[2], v, "teacher_logits", "student_logits")
     spec = terms.make_spec(name, num_pairs, beta, skew_stopgrad, reduction, normalization,
-                           teacher_logits is not None)
+                           teacher_logits is not None, options)
     terms.check_labels(labels, n, t, num_pairs, "student_logits")
     alpha = terms.alpha_rows(alpha, n)
     lab = labels[:, 1:]

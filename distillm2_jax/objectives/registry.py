@@ -7,7 +7,7 @@ listed here.
 """
 from __future__ import annotations
 
-from distillm2_jax.objectives import distillm, distillm2, dpkd, gkd, kd, nll, rkl
+from distillm2_jax.objectives import distillm, distillm2, dpkd, dpo, gkd, kd, nll, rkl
 from distillm2_jax.objectives.base import Objective
 
 _ALL = (
@@ -19,6 +19,8 @@ _ALL = (
     gkd.OBJECTIVE,
     dpkd.OBJECTIVE,
     nll.SFT,
+    dpo.DPO,
+    dpo.IPO,
 )
 REGISTRY: dict[str, Objective] = {o.name: o for o in _ALL}
 NAMES: tuple[str, ...] = tuple(REGISTRY)

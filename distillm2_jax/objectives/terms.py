@@ -43,15 +43,28 @@ class Spec(NamedTuple):
     normalization: str
     beta_static: float | None    # a Python-number beta, else None (beta then travels as an array)
     has_teacher: bool
+    options: tuple = ()          # ((key, value), ...): the loss's static keyword arguments
 
 
-def make_spec(name, num_pairs, beta, skew_stopgrad, reduction, normalization, has_teacher) -> Spec:
-    """Validate a loss call's static options (clear errors naming the argument)."""
+def make_spec(name, num_pairs, beta, skew_stopgrad, reduction, normalization, has_teacher,
+              options: dict | None = None) -> Spec:
+    """Validate a loss call's static options (clear errors naming the argument).
+
+    options: keyword arguments of the objective's loss (`Objective.options`), e.g.
+    {"label_smoothing": 0.1} for dpo; the loss's defaults apply to the ones left out.
+    """
+    options = dict(options or {})
     if name is not LABELS_ONLY:
         objective = registry.get(name)
         if not has_teacher and objective.needs_teacher:
             raise ValueError(f"objective {name!r} needs the teacher; teacher inputs may be None only for "
                              f"{[n for n in registry.NAMES if not registry.get(n).needs_teacher]}")
+        unknown = sorted(set(options) - set(objective.options))
+        if unknown:
+            raise ValueError(f"options: objective {name!r} takes {list(objective.options) or 'none'}, "
+                             f"got {unknown[0]!r}")
+    elif options:
+        raise ValueError(f"options: label log-probs take none, got {sorted(options)}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction={reduction!r}: choose one of {REDUCTIONS}")
     if normalization not in NORMALIZATIONS:
@@ -60,7 +73,7 @@ def make_spec(name, num_pairs, beta, skew_stopgrad, reduction, normalization, ha
         raise ValueError(f"num_pairs={num_pairs!r}: must be a positive Python int (static)")
     beta_static = float(beta) if isinstance(beta, (int, float)) else None
     return Spec(name, num_pairs, bool(skew_stopgrad), reduction, normalization, beta_static,
-                has_teacher)
+                has_teacher, tuple(sorted(options.items())))
 
 
 def resolve_beta(name: str, beta):
@@ -180,7 +193,7 @@ def finalize(spec: Spec, sums: dict, tokens: jax.Array, beta,
             "teacher_logp_sgo": seq_mean(lp_seq, s),
             "gap": gap, "gap_t": gap[t], "gap_s": gap[s],
         })
-    loss, parts = registry.get(spec.name).loss(r, sums, beta, spec.normalization)
+    loss, parts = registry.get(spec.name).loss(r, sums, beta, spec.normalization, **dict(spec.options))
     m.update({k: _sg(v) for k, v in parts.items()})
     m["loss"] = _sg(loss)
     return loss, m

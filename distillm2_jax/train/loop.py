@@ -96,16 +96,45 @@ class Trainer:
         self.frozen = self.student_parts.frozen
         self.trainable0 = self.student_parts.trainable
         self.teacher = None
+        self.teacher_params = None
         vocab = len(self.tokenizer)
-        if self.needs_teacher or self._must_generate_teacher():
+        if self.objective.reference:   # dpo / ipo: the teacher's slot holds the frozen reference
+            self.teacher, self.teacher_params = self._reference()
+            models.align_vocab(vocab, self.teacher, self.student)
+        elif self.needs_teacher or self._must_generate_teacher():
             self.teacher = from_pretrained(cfg.model.teacher, dtype=getattr(jnp, cfg.model.teacher_dtype),
                                            mesh=self.mesh)
             models.align_vocab(vocab, self.teacher, self.student)
         else:
             models.align_vocab(vocab, self.student)
-        self.teacher_params = self.teacher.params() if (self.teacher is not None and self.needs_teacher) else None
+        if self.teacher_params is None and self.teacher is not None and self.needs_teacher:
+            self.teacher_params = self.teacher.params()
 
     # ------------------------------------------------------------------ setup helpers
+    def _reference(self):
+        """(model, params) of the frozen reference of dpo / ipo, for the teacher's slot.
+
+        `model.reference`, else the starting student. With LoRA the starting student is the base
+        weights the step already holds in `frozen` (the forward applies no adapter there), so
+        the reference costs no memory; otherwise the folder is loaded (again) in
+        `model.student_dtype`: the train state's copy of the student changes and is donated. A
+        starting-student copy gets the student's frozen leaves too (QAT's fake-quant markers).
+        """
+        m = self.cfg.model
+        if m.teacher:
+            self.log(f"objective {self.cfg.objective.name}: model.teacher is not used "
+                     f"(the frozen reference is model.reference, else the starting student)")
+        if m.reference is None and self.student_parts.has_lora:
+            self.log(f"reference: the starting student {m.student} (its frozen base weights; LoRA trains)")
+            return self.student, self.frozen
+        path = m.reference or m.student
+        self.log(f"reference: {path} ({m.student_dtype}, frozen)")
+        model = from_pretrained(path, dtype=getattr(jnp, m.student_dtype), mesh=self.mesh)
+        params = model.params()
+        if m.reference is None:   # the starting student as the policy's forward sees it (QAT: quantized)
+            params = student_lib.combine(params, self.frozen)
+        return model, params
+
     def _must_generate_teacher(self) -> bool:
         d = self.cfg.data
         return not d.pairs and not d.teacher_responses
@@ -119,7 +148,8 @@ class Trainer:
             curriculum=obj.curriculum and self.objective.curriculum, skew_stopgrad=obj.skew_stopgrad, reduction=obj.reduction,
             normalization=obj.normalization, chunk_size=obj.chunk_size,
             compute_dtype=c.model.compute_dtype, remat=c.model.remat,
-            lora_dropout=c.lora.dropout if c.lora.enabled else 0.0)
+            lora_dropout=c.lora.dropout if c.lora.enabled else 0.0,
+            objective_options=tuple((k, getattr(obj, k)) for k in self.objective.options))
 
     def objective_beta(self, step: int, total_steps: int, epoch: int, steps_per_epoch: int) -> float:
         obj, source = self.cfg.objective, self.objective.beta

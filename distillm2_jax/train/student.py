@@ -11,6 +11,14 @@ only, so export rebuilds the same split the same way (same config, same seed) to
     model = student.merged(trainable)         # a plain Decoder, LoRA merged: export
 
 The LoRA math (adapter leaves, split/combine, dropout entries, merge) is `models.lora`'s.
+
+A quantized student (`model.quantization`, `models.quant`, docs/quantization.md) is the same
+life with low-bit projections. `qlora`: `model` holds the projections as frozen qwix QArrays
+(the dense weights are dropped), which land in `frozen`; only LoRA trains. `qat`: `trainable`
+holds the full-precision master weights and `frozen` a `FakeQuant` marker per projection, so
+every forward (the step, the curriculum's pass, sampling) quantizes them; `model` holds their
+quantized values at load (epoch 1 samples from the quantized student). `merged` dequantizes:
+export writes the dense weights the quantized forward computes with.
 """
 from __future__ import annotations
 
@@ -20,14 +28,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from distillm2_jax.config.errors import ConfigError
 from distillm2_jax.hf.load import from_pretrained
-from distillm2_jax.models import lora
+from distillm2_jax.models import lora, quant
 from distillm2_jax.models.config import ModelConfig
 from distillm2_jax.models.decoder import Decoder
 
 Params = dict[str, Any]
 
-__all__ = ["Student", "add_lora", "combine", "forward_params", "from_model", "load", "merge", "split"]
+__all__ = ["Student", "add_lora", "combine", "forward_params", "from_model", "load", "merge",
+           "quantize_model", "split"]
 
 
 @dataclasses.dataclass
@@ -54,28 +64,74 @@ class Student:
     def for_sampling(self, trainable: Params, *, compute_dtype=None) -> tuple[Params, ModelConfig, str]:
         """(params, config, compute dtype) for `generation`: the live weights with LoRA adapters
         unmerged (the layer applies them), so sampling holds no second copy of the student."""
-        params = self.params(trainable)
+        params = quant.freeze_fake_quant(self.params(trainable))   # QAT: quantize once, not per step
         return params, self.config, jnp.dtype(compute_dtype or params["embed"].dtype).name
 
     def merged(self, trainable: Params, *, compute_dtype=None) -> Decoder:
-        """The student with `trainable` as a plain Decoder (LoRA merged; a new copy of the
-        adapted weights): to export."""
-        return Decoder(self.config, merge(self.params(trainable)), hf_config=self.model.hf_config,
-                       compute_dtype=compute_dtype)
+        """The student with `trainable` as a plain Decoder (quantized weights dequantized, LoRA
+        merged; a new copy of the adapted weights): to export."""
+        params = merge(quant.dequantize_params(self.params(trainable)))
+        return Decoder(self.config, params, hf_config=self.model.hf_config, compute_dtype=compute_dtype)
 
 
 def load(cfg, mesh) -> Student:
     """The student of run config `cfg` on `mesh`: `model.student` in `model.student_dtype`,
-    with `cfg.lora`'s adapters (initialised from `cfg.seed`) when enabled."""
+    with `cfg.lora`'s adapters (initialised from `cfg.seed`) when enabled, quantized as
+    `cfg.model.quantization` says."""
     model = from_pretrained(cfg.model.student, dtype=getattr(jnp, cfg.model.student_dtype), mesh=mesh)
-    return from_model(model, cfg.lora, seed=cfg.seed, mesh=mesh)
+    qcfg = cfg.model.quantization
+    if qcfg.mode != "none":
+        if getattr(model.config, "is_moe", False):
+            key = "model.quantization.mode"
+            raise ConfigError(f"quantized students are dense models only; {cfg.model.student} is a mixture "
+                              "of experts", key, cfg._source(key))
+        try:
+            quant.check_shapes(model.params()["layers"], _spec(qcfg))
+        except ValueError as exc:
+            key = "model.quantization.group_size"
+            raise ConfigError(f"{exc} ({cfg.model.student})", key, cfg._source(key)) from None
+    return from_model(model, cfg.lora, seed=cfg.seed, mesh=mesh, quantization=qcfg)
 
 
-def from_model(model: Decoder, lora_cfg=None, *, seed: int = 0, mesh=None) -> Student:
-    """Split an already built Decoder; `lora_cfg` is a `config.LoraSection` (None: no LoRA)."""
-    params = add_lora(model.params(), model.config, lora_cfg, seed=seed, mesh=mesh)
-    trainable, frozen = split(params)
-    return Student(model, trainable, frozen)
+def _spec(quantization) -> quant.QuantSpec:
+    return quant.QuantSpec(bits=quantization.bits, group_size=quantization.group_size)
+
+
+def from_model(model: Decoder, lora_cfg=None, *, seed: int = 0, mesh=None, quantization=None) -> Student:
+    """Split an already built Decoder; `lora_cfg` is a `config.LoraSection` (None: no LoRA),
+    `quantization` a `config.QuantizationSection` (None or mode "none": full precision).
+
+    qlora: the base's projections become frozen QArrays under LoRA; qat: the full weights train
+    and `frozen` holds their `FakeQuant` markers. Raises ValueError when the group size does not
+    divide a projection's input size."""
+    mode = "none" if quantization is None else quantization.mode
+    if mode not in ("none", "qlora", "qat"):
+        raise ValueError(f"unknown quantization mode {mode!r}")
+    lora_on = lora_cfg is not None and lora_cfg.enabled
+    if mode == "none":
+        params = add_lora(model.params(), model.config, lora_cfg, seed=seed, mesh=mesh)
+        trainable, frozen = split(params)
+        return Student(model, trainable, frozen)
+    if (mode == "qlora") != lora_on:
+        raise ValueError("quantization mode qlora needs LoRA, qat needs LoRA off")
+    spec = _spec(quantization)
+    quantized = quantize_model(model, spec)
+    if mode == "qlora":
+        params = add_lora(quantized.params(), model.config, lora_cfg, seed=seed, mesh=mesh)
+        trainable, frozen = split(params)
+    else:
+        trainable = model.params()
+        frozen = {"layers": quant.fake_quant_markers(spec, [t for t in quant.TARGETS if t in trainable["layers"]])}
+    return Student(quantized, trainable, frozen)
+
+
+def quantize_model(model: Decoder, spec: quant.QuantSpec) -> Decoder:
+    """A Decoder whose seven projections are qwix QArrays (`models.quant.quantize_params`); it
+    runs everywhere a Decoder does (its forward dequantizes one layer at a time)."""
+    if getattr(model.config, "is_moe", False):
+        raise ValueError("quantization supports dense models only (this student is a mixture of experts)")
+    return Decoder(model.config, quant.quantize_params(model.params(), spec), hf_config=model.hf_config,
+                   compute_dtype=model.compute_dtype)
 
 
 def add_lora(params: Params, model_cfg: ModelConfig, lora_cfg, *, seed: int = 0, mesh=None) -> Params:

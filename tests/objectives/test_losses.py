@@ -100,6 +100,17 @@ def ref_objective(name, s_logits, t_logits, labels, num_pairs, alpha, beta, redu
             z = beta * ((lq_c - lq_r) - (lp_c - lp_r))
             terms.append(np.log1p(np.exp(-z)))  # -log sigmoid(z)
         return sum(terms) / max(len(terms), 1)
+    if name in ("dpo", "ipo"):  # log-prob sums (dpo) or per-token means (ipo); no label smoothing
+        terms = []
+        for i in range(num_pairs):
+            c, r = rows[i], rows[num_pairs + i]
+            if not c or not r:
+                continue
+            agg = np.sum if name == "dpo" else np.mean
+            h = ((agg([tok["logq_y"] for tok in c]) - agg([tok["logp_y"] for tok in c]))
+                 - (agg([tok["logq_y"] for tok in r]) - agg([tok["logp_y"] for tok in r])))
+            terms.append(np.log1p(np.exp(-beta * h)) if name == "dpo" else (h - 1 / (2 * beta)) ** 2)
+        return sum(terms) / max(len(terms), 1)
     raise AssertionError(name)
 
 

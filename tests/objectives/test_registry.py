@@ -13,11 +13,15 @@ def test_every_list_of_objectives_is_the_registry():
 
 def test_what_each_objective_trains_on_and_needs():
     reg = {n: objectives.get(n) for n in objectives.NAMES}
-    assert {n for n, o in reg.items() if not o.student_responses} == {"kd", "seqkd", "sft"}
+    assert {n for n, o in reg.items() if not o.student_responses} == {"kd", "seqkd", "sft", "dpo", "ipo"}
     assert {n for n, o in reg.items() if not o.needs_teacher} == {"seqkd", "sft"}
     assert [n for n, o in reg.items() if o.curriculum] == ["distillm2"]
     assert {n: o.beta for n, o in reg.items() if o.beta != "none"} == {
-        "distillm2": "schedule", "gkd": "gkd_beta", "dpkd": "dpkd_beta"}
+        "distillm2": "schedule", "gkd": "gkd_beta", "dpkd": "dpkd_beta", "dpo": "dpo_beta", "ipo": "dpo_beta"}
+    assert {n for n, o in reg.items() if o.reference} == {"dpo", "ipo"}   # the teacher's slot holds a reference
+    assert {n: o.options for n, o in reg.items() if o.options} == {"dpo": ("label_smoothing",)}
+    for o in reg.values():   # every option is an objective.<key> of the config
+        assert set(o.options) <= set(config.ObjectiveSection.model_fields)
     assert len({o.label for o in reg.values()}) == len(reg)    # tables and plots tell them apart
     for o in reg.values():   # a fixed beta names a config key that exists
         assert o.beta in ("none", "schedule") or o.beta in config.ObjectiveSection.model_fields
@@ -46,4 +50,4 @@ def test_each_objective_returns_the_parts_it_declares(name):
     assert set(m) - base - teacher == set(obj.parts)
     assert set(obj.parts) <= objectives.ADDITIVE_METRICS
     assert obj.trained in ("tgo", "sgo", "all")
-    assert (obj.divergence is None) == (name in ("seqkd", "sft", "dpkd"))
+    assert (obj.divergence is None) == (name in ("seqkd", "sft", "dpkd", "dpo", "ipo"))

@@ -15,7 +15,8 @@ from distillm2_jax import __version__
 from distillm2_jax.errors import UserError
 
 # Subcommand modules under distillm2_jax.commands, in the order `--help` lists them.
-COMMANDS: tuple[str, ...] = ("demo", "generate", "pair", "train", "eval", "export", "plot", "inspect", "plan")
+COMMANDS: tuple[str, ...] = ("demo", "generate", "pair", "train", "eval", "judge", "eval_code", "export", "plot",
+                             "inspect", "plan")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -106,3 +106,25 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, level: float = 0
     means = d[idx].mean(axis=1)
     lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
     return float(lo), float(hi)
+
+
+def bootstrap_ratio(numerators: Sequence[float], denominators: Sequence[float], *, level: float = 0.95,
+                    resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of sum(numerators) / sum(denominators), resampling the units
+    (index i: e.g. one judged question, with its score total and its count of judgments) with
+    replacement; seeded, so the same call gives the same interval. NaN interval for one unit.
+
+    Used for win rates, where a question's two order-swapped judgments are not independent and
+    must be resampled together.
+    """
+    x, y = _as_array(numerators, "bootstrap_ratio numerators"), _as_array(denominators, "bootstrap_ratio denominators")
+    if x.shape != y.shape:
+        raise ValueError(f"bootstrap_ratio: {x.size} numerators against {y.size} denominators")
+    if np.any(y <= 0):
+        raise ValueError("bootstrap_ratio: every denominator must be positive")
+    if x.size == 1:
+        return float("nan"), float("nan")
+    idx = np.random.default_rng(seed).integers(0, x.size, size=(resamples, x.size))
+    ratios = x[idx].sum(axis=1) / y[idx].sum(axis=1)
+    lo, hi = np.quantile(ratios, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)

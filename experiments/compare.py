@@ -36,6 +36,7 @@ import demo_lab as lab  # noqa: E402
 from distillm2_jax import stats  # noqa: E402
 from distillm2_jax import objectives  # noqa: E402
 from distillm2_jax.demo import run  # noqa: E402
+from distillm2_jax.protocols import report as protocol_report  # noqa: E402
 from distillm2_jax.errors import UserError  # noqa: E402
 
 M = lab.Method
@@ -199,6 +200,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
                     help="do not start a seed that the projection says would end after this")
     ap.add_argument("--estimate", action="store_true", help="print the time estimate and exit")
+    ap.add_argument("--reports", action="store_true",
+                    help="also write OUT/reports.md: each seed's students side by side (docs/evaluation.md)")
     lab.add_run_args(ap)
     args = ap.parse_args(argv)
     if len(set(args.seeds)) != len(args.seeds):
@@ -247,6 +250,8 @@ def main(argv=None) -> int:
     text = report(summary, keys, len(results))
     print("\n" + text)
     print(f"\n{len(results)} seeds, {len(methods)} methods in {wall / 60:.1f} min -> {out / 'results.json'}")
+    if args.reports:
+        print(f"per-seed reports -> {write_reports(out, results, keys)}")
     if args.table:
         argv_text = " ".join(sys.argv[1:] if argv is None else argv)
         s = settings
@@ -256,6 +261,20 @@ def main(argv=None) -> int:
                         f"{s.sft_steps} steps, {s.heldout} held-out prompts; mean ± standard deviation over seeds; "
                         f"{wall / 60:.1f} min.\n\n{text}")
     return 0
+
+
+def write_reports(out: Path, results: dict, keys: list[str]) -> Path:
+    """OUT/reports.md: per seed, every student's metrics in `protocols.report`'s comparison table."""
+    fields = (("exact_match", "accuracy"), ("nll", "nll"), ("acceptance", "rate"))
+    parts = []
+    for seed in sorted(results):
+        reports = [{"student": label(k), "metrics": {m: {f: results[seed][k][m]} for m, f in fields
+                                                     if results[seed][k].get(m) is not None}}
+                   for k in keys if k in results[seed]]
+        parts.append(f"## seed {seed}\n\n" + protocol_report.comparison_markdown(reports))
+    path = out / "reports.md"
+    path.write_text("\n".join(parts))
+    return path
 
 
 def _write_results(out: Path, settings, seeds, methods, results, timings, wall, estimate, skipped) -> dict:

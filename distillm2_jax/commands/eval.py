@@ -9,23 +9,33 @@ Reports, for what the records allow (docs/evaluation.md):
   `--checker demo` uses the embedded demo task's own checker instead;
 * `--samples N` sample prompts with the model's responses;
 * with `--teacher DIR`: the speculative-decoding acceptance rate of the model as a draft for
-  the teacher on the reference responses.
+  the teacher on the reference responses, and the measured speedup of decoding the teacher
+  greedily with the model as its draft (`evaluate.measure_speedup`, K = 4, on up to
+  2 x --batch-size prompts; its acceptance is comparable with the greedy agreement);
+* the paper's protocols (`distillm2_jax.protocols`), each when its file is given: `--math`
+  (greedy pass@1, math-verify), `--code` (greedy pass@1, sandboxed), `--judge-references` with
+  `--judge DIR` or `--judge-url URL` (pairwise win rate, both orders); `--report DIR` writes
+  them all as report.json and report.md.
 
 `--out FILE.json` also writes everything as JSON.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from pathlib import Path
 
+from distillm2_jax.protocols.arguments import add_eval_arguments, check_eval_arguments
+
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("eval", help="NLL, exact match, samples and draft acceptance rate of a model",
+    p = subparsers.add_parser("eval", help="NLL, exact match, acceptance rate; judge win rate, math and code pass@1",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="Hugging Face folder of the model to evaluate")
-    p.add_argument("--data", required=True, help="held-out records: pairs, generations or prompts with `answer`")
+    p.add_argument("--data", default=None, help="held-out records: pairs, generations or prompts with `answer` "
+                   "(optional with --math, --code or --judge-references)")
     p.add_argument("--teacher", default=None, help="Hugging Face folder of the teacher (acceptance rate)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
     p.add_argument("--checker", choices=["generic", "demo"], default="generic",
@@ -38,6 +48,7 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--out", default=None, help="also write the results as JSON here")
+    add_eval_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -55,6 +66,12 @@ def evaluate_records(model, records, tokenizer, *, teacher=None, checker: str = 
             ar = evaluate.acceptance_rate(model, teacher, with_response, tokenizer, **kw)
             out["acceptance"] = {"rate": ar.rate, "greedy_rate": ar.greedy_rate, "tokens": ar.tokens,
                                  "tokens_per_target_call_k4": ar.tokens_per_target_call(4)}
+            # measured: the teacher decoding greedily with the model as its draft (K = 4)
+            sp = evaluate.measure_speedup_on_prompts(
+                model, teacher, [r.messages for r in records if r.response is not None][:2 * batch_size], tokenizer,
+                max_prompt_length=max_prompt_length, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                temperature=0.0)
+            out["speculative"] = dataclasses.asdict(sp)
             out["nll"] = {"nll": ar.draft_nll, "perplexity": math.exp(ar.draft_nll) if ar.tokens else float("nan"),
                           "tokens": ar.tokens, "sequences": len(with_response)}
         else:
@@ -99,18 +116,27 @@ def run(args) -> int:
     for name in ("max_new_tokens", "batch_size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    records = read_eval_records(args.data, limit=args.limit)
+    if not (args.data or args.math or args.code or args.judge_references):
+        raise UserError("nothing to evaluate: give --data and/or --math, --code, --judge-references")
+    check_eval_arguments(args)
+    records = read_eval_records(args.data, limit=args.limit) if args.data else []
     if args.teacher and not any(r.response is not None for r in records):
-        raise UserError(f"{args.data}: --teacher needs records with a reference response (`chosen` or `response`)")
+        raise UserError(f"{args.data or '--data'}: --teacher needs records with a reference response "
+                        "(`chosen` or `response`)")
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     dtype = getattr(jnp, args.dtype)
     model = from_pretrained(args.model, dtype=dtype)
     teacher = from_pretrained(args.teacher, dtype=dtype) if args.teacher else None
     models.align_vocab(len(tokenizer), *([model] + ([teacher] if teacher else [])))
-    result = evaluate_records(model, records, tokenizer, teacher=teacher, checker=args.checker,
-                              samples=args.samples, max_new_tokens=args.max_new_tokens, max_length=args.max_length,
-                              max_prompt_length=args.max_prompt_length, batch_size=args.batch_size)
-    print(format_result(result, args.model, args.data))
+    result = {}
+    if records:
+        result = evaluate_records(model, records, tokenizer, teacher=teacher, checker=args.checker,
+                                  samples=args.samples, max_new_tokens=args.max_new_tokens, max_length=args.max_length,
+                                  max_prompt_length=args.max_prompt_length, batch_size=args.batch_size)
+        print(format_result(result, args.model, args.data))
+    from distillm2_jax.protocols import report   # math, code, judge (docs/evaluation.md)
+
+    result.update(report.run_from_args(args, model, tokenizer, result))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
         print(f"written to {args.out}")
@@ -130,6 +156,13 @@ def format_result(result: dict, model: str, data: str) -> str:
         lines.append(f"  acceptance rate as the teacher's draft: {a['rate']:.4f} (greedy agreement "
                      f"{a['greedy_rate']:.4f}; {a['tokens_per_target_call_k4']:.2f} tokens per teacher call with 4 "
                      f"drafted)")
+    if "speculative" in result:
+        s = result["speculative"]
+        lines.append(f"  measured speculative decoding of the teacher with this draft ({s['draft_tokens']} drafted, "
+                     f"greedy, {s['rows']} prompts): x{s['speedup']:.2f} tokens/s "
+                     f"({s['speculative_tokens_per_s']:,.0f} vs {s['plain_tokens_per_s']:,.0f}), "
+                     f"acceptance {s['acceptance_rate']:.4f}, "
+                     f"{s['tokens_per_target_call']:.2f} tokens per teacher forward")
     if "exact_match" in result:
         e = result["exact_match"]
         lines.append(f"  exact match: {e['accuracy']:.4f} ({e['correct']}/{e['total']}; {e['malformed']} malformed)")

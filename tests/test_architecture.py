@@ -14,7 +14,7 @@ FLOORS = {
     "hf": 4, "sampling": 4,
     "generation": 5, "toy": 5,
     "train": 6,
-    "evaluate": 7, "planning": 7,
+    "evaluate": 7, "planning": 7, "protocols": 7,
     "demo": 8, "api": 8, "cli": 8, "commands": 9,
 }
 

@@ -41,16 +41,26 @@ def _fspath(cls, value):
 ObjectiveName = Literal[objectives.NAMES]
 
 
+class QuantizationSection(_Section):
+    """The student's linear layers in low-bit integers (docs/quantization.md)."""
+    mode: Literal["none", "qlora", "qat"] = "none"   # qlora: frozen quantized base + LoRA; qat: fake-quant
+    bits: Literal[4, 8] = 4
+    group_size: int = Field(128, ge=0)               # input features per scale; 0 = one per output column
+
+
 class ModelSection(_Section):
     teacher: str | None = None   # HF folder of the teacher (required by `load`, see check_required)
     student: str | None = None   # HF folder of the (SFT'd) student
     tokenizer: str | None = None  # HF folder with the tokenizer; None -> the teacher's
+    reference: str | None = None  # dpo/ipo: HF folder of the frozen reference; None -> the starting student
     teacher_dtype: Literal["bfloat16", "float32"] = "bfloat16"
     student_dtype: Literal["float32", "bfloat16"] = "float32"
     compute_dtype: Literal["bfloat16", "float32"] = "bfloat16"
     remat: Literal["none", "full", "dots", "dots_saveable"] = "none"
+    quantization: QuantizationSection = Field(default_factory=QuantizationSection)
 
-    paths_as_text = field_validator("teacher", "student", "tokenizer", mode="before")(classmethod(_fspath))
+    paths_as_text = field_validator("teacher", "student", "tokenizer", "reference",
+                                    mode="before")(classmethod(_fspath))
 
 
 class MeshSection(_Section):
@@ -106,6 +116,8 @@ class ObjectiveSection(_Section):
     normalization: Literal["paper", "authors_code"] = "paper"
     gkd_beta: float = Field(0.9, ge=0.0, le=1.0)
     dpkd_beta: float = Field(0.1, gt=0.0)
+    dpo_beta: float = Field(0.1, gt=0.0)              # DPO / IPO temperature
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)  # conservative DPO: P(chosen label is wrong)
     chunk_size: int = Field(128, gt=0)               # positions per chunk of the chunked loss
 
 
@@ -234,6 +246,22 @@ class Config(_Section):
         if d.max_prompt_length >= d.max_length:
             raise ConfigError(f"must be smaller than data.max_length ({d.max_length}), "
                               f"got {d.max_prompt_length}", "data.max_prompt_length")
+        quant_mode = self.model.quantization.mode
+        if quant_mode == "qlora" and not self.lora.enabled:
+            raise ConfigError("qlora trains LoRA adapters on the frozen quantized base: set lora.enabled: true",
+                              "model.quantization.mode")
+        if quant_mode == "qat" and self.lora.enabled:
+            raise ConfigError("qat trains the full (fake-quantized) weights; for LoRA on a quantized base "
+                              "use mode: qlora", "model.quantization.mode")
+        objective = objectives.get(o.name)
+        if self.model.reference is not None and not objective.reference:
+            raise ConfigError(f"the frozen reference of objectives {', '.join(_reference_objectives())} "
+                              f"only; objective {o.name} does not use it, got {self.model.reference}",
+                              "model.reference")
+        if o.label_smoothing and "label_smoothing" not in objective.options:
+            users = [n for n in objectives.NAMES if "label_smoothing" in objectives.get(n).options]
+            raise ConfigError(f"applies to objective {', '.join(users)} only; objective {o.name} does not use it "
+                              f"(set it to 0), got {o.label_smoothing}", "objective.label_smoothing")
         return self
 
     # ------------------------------------------------------------------ derived values
@@ -247,7 +275,14 @@ class Config(_Section):
         """Raise ConfigError unless the model paths this objective needs are set."""
         if not self.model.student:
             raise ConfigError("required", "model.student", self._source("model.student"))
-        teacher_free = (not objectives.get(self.objective.name).needs_teacher
+        objective = objectives.get(self.objective.name)
+        if objective.reference:   # the teacher's slot holds the reference; only given pairs train
+            if not self.data.pairs:
+                raise ConfigError(f"required by objective {self.objective.name}: a preference pair file "
+                                  f"{{prompt, chosen, rejected}} (as `distillm2 pair` writes; docs/dpo.md)",
+                                  "data.pairs", self._source("data.pairs"))
+            return self
+        teacher_free = (not objective.needs_teacher
                         and (self.data.pairs or self.data.teacher_responses))
         if not self.model.teacher and not teacher_free:
             raise ConfigError("required", "model.teacher", self._source("model.teacher"))
@@ -259,7 +294,7 @@ class Config(_Section):
         Relative paths are relative to the current directory. Returns self.
         """
         self.check_required()
-        for key in ("model.teacher", "model.student", "model.tokenizer"):
+        for key in ("model.teacher", "model.student", "model.tokenizer", "model.reference"):
             value = self._get(key)
             if value is not None and not Path(value).is_dir():
                 raise ConfigError(f"{value} is not a folder", key, self._source(key))
@@ -289,6 +324,10 @@ class Config(_Section):
 
     def _source(self, key: str) -> str | None:
         return lookup_source(self._sources, key)
+
+
+def _reference_objectives() -> list[str]:
+    return [n for n in objectives.NAMES if objectives.get(n).reference]
 
 
 def from_raw(raw: dict, sources: Mapping[str, str]) -> Config:

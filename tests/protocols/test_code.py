@@ -46,7 +46,7 @@ def test_humaneval_and_mbpp_programs_score(tmp_path):
         {"task_id": 7, "completion": "def double(x):\n    return 2 * x\n"},
         {"task_id": 7, "completion": "def double(x):\n    while True:\n        pass\n"},
     ])]
-    res = code.score(problems, samples, limits=Limits(timeout=1.5), workers=2, ks=(1, 2, 3))
+    res = code.score(problems, samples, limits=Limits(timeout=5.0), workers=2, ks=(1, 2, 3))
     assert [r["result"] for r in res.results] == ["passed", "failed", "passed", "passed", "timeout"]
     # per task: t/0 n=3 c=2, 7: n=2 c=1
     assert res.pass_at["pass@1"] == pytest.approx((2 / 3 + 1 / 2) / 2)
@@ -78,7 +78,7 @@ def test_eval_code_cli_writes_results_and_prints_pass_at_k(tmp_path, capsys):
         {"task_id": 7, "completion": "def double(x):\n    return x\n"},
     ])
     out = tmp_path / "results.jsonl"
-    assert main(["eval-code", "--problems", str(problems), "--samples", str(samples), "--timeout", "2",
+    assert main(["eval-code", "--problems", str(problems), "--samples", str(samples), "--timeout", "10",
                  "--memory-mb", "256", "--workers", "2", "--k", "1", "2", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "pass@1: 0.5000 over 2 problems" in printed and "pass@2: 1.0000 over 2 problems" in printed

@@ -40,13 +40,18 @@ def hf_config(family: str, **overrides):
 
 def build_hf_model(family: str, out_dir: Path, seed: int = 0, **overrides):
     """Save a float32 random HF model of `family` to out_dir; return the torch model (eval mode)."""
+    return save_random_model(hf_config(family, **overrides), out_dir, seed)
+
+
+def save_random_model(cfg, out_dir: Path, seed: int = 0):
+    """Save a float32 random HF model of the transformers config `cfg` to out_dir, with norms and
+    biases made non-trivial so their mapping is tested; return the torch model (eval mode)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    cfg = hf_config(family, **overrides)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    with torch.no_grad():  # make norms and biases non-trivial so their mapping is tested
+    with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name or name.endswith("bias"):
                 param.add_(0.1 * torch.randn_like(param))

@@ -137,15 +137,22 @@ def _advance(state: DecodeState, logits: jax.Array, stop_ids: jax.Array, *,
                           stopped=state.stopped | hit, num_new=num_new, logits=recorded)
 
 
+def constrain_rows(x: jax.Array, mesh) -> jax.Array:
+    """A per-slot array ([slots, ...]) sharded over the mesh's batch axes."""
+    return shd.constrain(x, ("batch",) + (None,) * (x.ndim - 1), mesh)
+
+
+def constrain_cache(c: KVCache, mesh) -> KVCache:
+    """A slot cache in the sampler's one layout (also the speculative draft's cache)."""
+    return KVCache(shd.constrain(c.k, CACHE_AXES, mesh), shd.constrain(c.v, CACHE_AXES, mesh),
+                   constrain_rows(c.valid, mesh), constrain_rows(c.index, mesh))
+
+
 def _constrain(state: DecodeState, mesh) -> DecodeState:
     """The state's slots sharded over the mesh's batch axes (one layout across calls)."""
     if mesh is None:
         return state
-    rows = lambda x: shd.constrain(x, ("batch",) + (None,) * (x.ndim - 1), mesh)  # noqa: E731
-    c = state.cache
-    cache = KVCache(shd.constrain(c.k, CACHE_AXES, mesh), shd.constrain(c.v, CACHE_AXES, mesh),
-                    rows(c.valid), rows(c.index))
-    return DecodeState(cache, *(rows(x) for x in state[1:]))
+    return DecodeState(constrain_cache(state.cache, mesh), *(constrain_rows(x, mesh) for x in state[1:]))
 
 
 def _empty_state(cfg: ModelConfig, *, slots: int, cache_length: int, max_new_tokens: int, pad_id: int,

@@ -50,10 +50,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from distillm2_jax import sharding as shd
 from distillm2_jax.models.config import ModelConfig
 from distillm2_jax.models.decoder import forward, logits_from_hidden
-from distillm2_jax.models.kv_cache import CACHE_AXES, KVCache, init_cache, insert_rows
+from distillm2_jax.models.kv_cache import KVCache, init_cache, insert_rows
 from distillm2_jax.sampling.decode import (
     GREEDY,
     DecodeState,
@@ -62,6 +61,8 @@ from distillm2_jax.sampling.decode import (
     _empty_state,
     _insert,
     _Jitted,
+    constrain_cache,
+    constrain_rows,
     stop_id_array,
 )
 from distillm2_jax.sampling.filters import categorical, filter_logits
@@ -207,11 +208,8 @@ def _round(tparams, tcfg: ModelConfig, dparams, dcfg: ModelConfig, s: SpecState,
 def _constrain_spec(s: SpecState, mesh) -> SpecState:
     if mesh is None:
         return s
-    rows = lambda x: shd.constrain(x, ("batch",) + (None,) * (x.ndim - 1), mesh)  # noqa: E731
-    c = s.draft
-    draft = KVCache(shd.constrain(c.k, CACHE_AXES, mesh), shd.constrain(c.v, CACHE_AXES, mesh),
-                    rows(c.valid), rows(c.index))
-    return SpecState(_constrain(s.target, mesh), draft, *(rows(x) for x in s[2:]))
+    return SpecState(_constrain(s.target, mesh), constrain_cache(s.draft, mesh),
+                     *(constrain_rows(x, mesh) for x in s[2:]))
 
 
 def _empty_spec_state(tcfg: ModelConfig, dcfg: ModelConfig, *, slots: int, cache_length: int,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.tiny_models import BASE
+from tests.tiny_models import BASE, save_random_model
 
 TEXT = dict(BASE, initializer_range=0.2)
 
@@ -60,14 +60,4 @@ def dense_config(family: str, **overrides):
 
 def build_dense_model(family: str, out_dir: Path, seed: int = 0, **overrides):
     """Save a float32 random HF model of `family` to out_dir; return the torch model (eval mode)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(dense_config(family, **overrides), dtype=torch.float32).eval()
-    with torch.no_grad():  # make norms and biases non-trivial so their mapping is tested
-        for name, param in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                param.add_(0.1 * torch.randn_like(param))
-    model.save_pretrained(str(out_dir))
-    return model
+    return save_random_model(dense_config(family, **overrides), out_dir, seed)
